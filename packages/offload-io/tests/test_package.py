@@ -1,0 +1,15 @@
+"""The package installs alone and imports."""
+
+from __future__ import annotations
+
+import offload_io
+
+
+def test_version_is_set() -> None:
+    assert offload_io.__version__ == "0.1.0"
+
+
+def test_native_library_is_present_and_compatible() -> None:
+    from offload_io._native import ds_native
+
+    assert ds_native.build_info()["abi_version"] == 1
