@@ -17,7 +17,11 @@ NAMES = "ds-native|amp-scaler|act-ckpt|offload-io|zero-shard|onebit-comm|pipe3d|
 
 def main(version: str) -> None:
     (ROOT / "VERSION").write_text(version + "\n")
-    for pyproject in [ROOT / "native/pyproject.toml", ROOT / "testing/pyproject.toml", *ROOT.glob("packages/*/pyproject.toml")]:
+    for pyproject in [
+        ROOT / "native/pyproject.toml",
+        ROOT / "testing/pyproject.toml",
+        *ROOT.glob("packages/*/pyproject.toml"),
+    ]:
         text = pyproject.read_text()
         text = re.sub(r'(?m)^version = "[^"]+"', f'version = "{version}"', text)
         text = re.sub(rf'"((?:{NAMES})(?:\[[a-z,]+\])?)==[^"]+"', rf'"\1=={version}"', text)

@@ -83,7 +83,7 @@ def test_bad_inputs_are_clear_errors() -> None:
 
 def test_compatibility_check_names_the_fix() -> None:
     ds_native.check_compatible("zero-shard", ds_native.ABI_VERSION)
-    with pytest.raises(ImportError, match="uv pip install ./native"):
+    with pytest.raises(ImportError, match=r"uv pip install \./native"):
         ds_native.check_compatible("zero-shard", ds_native.ABI_VERSION + 1)
 
 
@@ -92,5 +92,9 @@ def test_compatibility_check_names_the_fix() -> None:
 def test_cuda_l2_norm_matches_torch() -> None:
     if not ds_native.build_info()["cuda"]:
         pytest.skip("ds-native built without CUDA")
-    tensors = [torch.randn(n, device="cuda").to(dt) for n in (1, 7, 65537, 10**6 + 3) for dt in (torch.float32, torch.bfloat16)]
-    assert ds_native.multi_tensor_l2_norm(tensors) == pytest.approx(_reference_norm([t.cpu() for t in tensors]), rel=1e-6)
+    tensors = [
+        torch.randn(n, device="cuda").to(dt) for n in (1, 7, 65537, 10**6 + 3) for dt in (torch.float32, torch.bfloat16)
+    ]
+    assert ds_native.multi_tensor_l2_norm(tensors) == pytest.approx(
+        _reference_norm([t.cpu() for t in tensors]), rel=1e-6
+    )

@@ -16,6 +16,7 @@ Failure handling is the point of this module:
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import multiprocessing as mp
 import os
@@ -80,27 +81,26 @@ def _rank_main(
         )
         try:
             if init:
-                dist.init_process_group(backend, rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
+                dist.init_process_group(
+                    backend, rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}"
+                )
             value = fn(rank, world_size, *args, **kwargs)
             results.put((rank, "ok", value))
         except BaseException:  # noqa: BLE001 - every failure must reach the parent
             results.put((rank, "error", traceback.format_exc()))
         finally:
             if init and dist.is_initialized():
-                try:
+                # Teardown after a failure may fail too; the failure is already reported.
+                with contextlib.suppress(Exception):
                     dist.destroy_process_group()
-                except Exception:  # noqa: BLE001 - teardown after a failure may fail too
-                    pass
 
 
 def _kill_all(procs: list[Any]) -> None:
     for p in procs:
         if p.pid is None:
             continue
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
     for p in procs:
         p.join(timeout=5)
 
@@ -188,10 +188,8 @@ def _wait(procs: list[Any], results: Any, outcome: dict[int, tuple[str, Any]], d
 def _dump_stacks(procs: list[Any], outcome: dict[int, tuple[str, Any]]) -> None:
     for rank, p in enumerate(procs):
         if rank not in outcome and p.exitcode is None and p.pid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGUSR1)
-            except ProcessLookupError:
-                pass
     time.sleep(1.0)
 
 
