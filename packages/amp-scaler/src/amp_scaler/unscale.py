@@ -1,0 +1,143 @@
+"""Fused unscale + global gradient norm + overflow check + clip, in two passes over the gradients.
+
+``torch.amp.GradScaler.unscale_`` followed by ``torch.nn.utils.clip_grad_norm_`` reads and
+writes every gradient twice and reads it once more (unscale: read+write, norm: read,
+clip: read+write). Here:
+
+1. one read-only pass: per-tensor norms of the *scaled* gradients (``torch._foreach_norm``,
+   accumulated in fp32 so an fp16 gradient times 2**16 cannot overflow the norm itself);
+   their combination is the global norm, and it is inf/nan exactly when some gradient holds
+   an inf/nan (or, for fp32 gradients, when the sum of squares itself overflows fp32: also a
+   step that must not be taken);
+2. one read+write pass: gradients times ``inv_scale * clip_coef`` (``torch._foreach_mul_``).
+
+Why the numbers equal torch's: loss scales are powers of two, so ``norm(g * s) == norm(g) * s``
+and ``g * (inv_scale * coef) == (g * inv_scale) * coef`` exactly in floating point; the clip
+coefficient is computed as torch computes it (``max_norm / (norm + 1e-6)`` in fp32, clamped
+to 1). Tests compare bit for bit with GradScaler + clip_grad_norm_.
+
+Across ranks: each rank passes only the gradients it owns (``sharded=True``, ZeRO), the
+norms' p-th powers are summed over the group (max for the inf-norm), so every rank gets the
+same global norm and hence the same overflow decision. With ``sharded=False`` (every rank
+holds the same full gradients, as after DDP's all-reduce) the norm stays local and only the
+overflow flag is agreed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+
+from amp_scaler._dist import ProcessGroup, all_reduce_max_flag, group_size, reduce_device
+
+__all__ = ["global_grad_norm", "unscale_and_clip_"]
+
+
+def _group(tensors: Iterable[torch.Tensor | None]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        if t is not None:
+            groups.setdefault((t.device, t.dtype), []).append(t)
+    return groups
+
+
+def _local_norm(groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]], norm_type: float) -> torch.Tensor:
+    """Norm of this rank's tensors as an fp32 0-d tensor (on the first group's device, or CPU)."""
+    per_tensor: list[torch.Tensor] = []
+    device = torch.device("cpu")
+    for i, ((dev, _dtype), ts) in enumerate(groups.items()):
+        if i == 0:
+            device = dev
+        norms = torch._foreach_norm(ts, norm_type, dtype=torch.float32)
+        per_tensor.extend(n.to(device, non_blocking=True) for n in norms)
+    if not per_tensor:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    # The same combination clip_grad_norm_ uses: the norm of the per-tensor norms.
+    return torch.linalg.vector_norm(torch.stack(per_tensor), norm_type)
+
+
+def _global_norm(
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]],
+    norm_type: float,
+    process_group: ProcessGroup,
+    sharded: bool,
+) -> torch.Tensor:
+    local = _local_norm(groups, norm_type)
+    if not sharded or group_size(process_group) == 1:
+        return local
+    dev = reduce_device(process_group, like=local)
+    if math.isinf(norm_type):
+        t = local.to(dev).reshape(1)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=process_group)
+        return t[0]
+    # Sum of p-th powers over ranks; inf/nan on any rank propagate to every rank through the sum.
+    t = (local.double() ** norm_type).to(dev).reshape(1)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=process_group)
+    return (t[0] ** (1.0 / norm_type)).float()
+
+
+def global_grad_norm(
+    grads: Iterable[torch.Tensor | None],
+    process_group: ProcessGroup = None,
+    norm_type: float = 2.0,
+    *,
+    sharded: bool = True,
+) -> float:
+    """The global ``norm_type``-norm of ``grads`` over the group (each rank passes its own shard)."""
+    return float(_global_norm(_group(grads), float(norm_type), process_group, sharded).item())
+
+
+def unscale_and_clip_(
+    grads: list[torch.Tensor | None],
+    inv_scale: float,
+    max_norm: float = 0.0,
+    process_group: ProcessGroup = None,
+    norm_type: float = 2.0,
+    *,
+    sharded: bool = True,
+) -> tuple[float, bool]:
+    """Unscale ``grads`` in place, return the global (unscaled) grad norm and whether it overflowed.
+
+    Args:
+        grads: this rank's gradients (``None`` entries are skipped); any mix of devices and
+            fp32/fp16/bf16 dtypes.
+        inv_scale: ``1 / loss_scale``.
+        max_norm: clip to this global norm when > 0 and no overflow (torch's rule:
+            multiply by ``min(1, max_norm / (norm + 1e-6))``).
+        process_group: the group the gradients are spread over (None: the default group when
+            torch.distributed is initialized, else this process alone).
+        norm_type: the norm's order (2.0, 1.0, ``inf`` ...).
+        sharded: True when each rank holds a different part of the gradients (ZeRO): the norm
+            is combined over the group. False when every rank holds the same full gradients
+            (plain data parallel after the all-reduce): the norm stays local and only the
+            overflow decision is agreed over the group.
+
+    Returns:
+        ``(total_norm, found_inf)``: the global norm of the unscaled gradients (inf/nan when
+        found_inf) and whether any rank saw an inf/nan. All ranks return the same values.
+        On overflow the gradients are unscaled but not clipped; the caller skips the step.
+    """
+    if isinstance(max_norm, bool) or max_norm < 0:
+        raise ValueError(f"unscale_and_clip_: max_norm must be >= 0 (0 = no clipping), got {max_norm!r}")
+    norm_type = float(norm_type)
+    inv_scale = float(inv_scale)
+    groups = _group(grads)
+    scaled_norm = _global_norm(groups, norm_type, process_group, sharded)
+    # fp32, as torch computes the norm of unscaled fp32 gradients; exact when inv_scale is 2**-k.
+    total = scaled_norm * inv_scale
+    total_norm = float(total.item())  # the one host sync
+    found_inf = not math.isfinite(total_norm)
+    if not sharded:
+        found_inf = all_reduce_max_flag(found_inf, process_group)
+    factor = inv_scale
+    if max_norm > 0 and not found_inf:
+        # Exactly torch's clip coefficient (fp32 tensor math), folded into the unscale factor.
+        coef = torch.clamp(max_norm / (total.float().cpu() + 1e-6), max=1.0)
+        factor = float((coef * inv_scale).item())
+    if factor != 1.0:
+        for ts in groups.values():
+            torch._foreach_mul_(ts, factor)
+    return total_norm, found_inf
