@@ -1,0 +1,130 @@
+"""The ``"optimizer"`` section: DeepSpeed's type names mapped to optimizer factories.
+
+Semantics that must match DeepSpeed (DEEPSPEED_NOTES.md): ``"Adam"`` means AdamW (decoupled
+weight decay) unless ``"adam_w_mode": false``; ``"AdamW"`` is the same; ``"torch_adam": true``
+selects torch's implementation. Type names are case-insensitive for DeepSpeed's own
+optimizers; any other name is looked up in ``torch.optim`` by its exact spelling (``"SGD"``,
+``"RMSprop"``), as DeepSpeed does.
+
+The engine never constructs the optimizer over the model directly: zero-shard calls the
+factory on the fp32 partitions it owns (ZeroShardedOptimizer's ``optimizer_factory``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from zero_all.config.known_keys import suggest
+from zero_all.config.loader import ConfigError
+
+__all__ = ["ADAM_PARAMS", "NOT_IMPLEMENTED_OPTIMIZERS", "OptimizerFactory", "check_optimizer", "optimizer_factory"]
+
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+
+# DeepSpeed's own optimizer names (lower-case, as it compares them).
+_ADAM_NAMES = {"adam", "adamw"}
+_TORCH_LOWER = {"adagrad": "Adagrad"}
+NOT_IMPLEMENTED_OPTIMIZERS: dict[str, str] = {
+    "lamb": "Lamb",
+    "onebitadam": "OneBitAdam (lands with onebit-comm)",
+    "zerooneadam": "ZeroOneAdam (lands with onebit-comm)",
+    "onebitlamb": "OneBitLamb (lands with onebit-comm)",
+    "lion": "Lion",
+    "muadam": "MuAdam",
+    "muadamw": "MuAdamW",
+    "musgd": "MuSGD",
+    "muon": "Muon",
+}
+ADAM_PARAMS = {"lr", "betas", "eps", "weight_decay", "bias_correction", "adam_w_mode", "torch_adam", "amsgrad"}
+_ADAM_IGNORED = {"set_grad_none", "fused"}  # accepted by DeepSpeed's FusedAdam; no effect here
+
+
+def _torch_optimizer_names() -> list[str]:
+    return sorted(
+        n
+        for n, c in vars(torch.optim).items()
+        if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+    )
+
+
+def accepted_types() -> str:
+    """The list shown in errors."""
+    return "Adam, AdamW, Adagrad, or any torch.optim class by name (" + ", ".join(_torch_optimizer_names()) + ")"
+
+
+def check_optimizer(type_name: str, params: dict[str, Any]) -> None:
+    """Raise ConfigError for an unknown type or a parameter the optimizer does not take ("auto" allowed)."""
+    low = type_name.lower()
+    if low in _ADAM_NAMES:
+        allowed = ADAM_PARAMS | _ADAM_IGNORED
+    elif low in NOT_IMPLEMENTED_OPTIMIZERS:
+        return  # refused at initialize(), with a clear NotImplementedError; the config still loads
+    elif low in _TORCH_LOWER or type_name in _torch_optimizer_names():
+        cls = getattr(torch.optim, _TORCH_LOWER.get(low, type_name))
+        allowed = {p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")}
+    else:
+        known = {
+            "Adam",
+            "AdamW",
+            *(v.split()[0] for v in NOT_IMPLEMENTED_OPTIMIZERS.values()),
+            *_torch_optimizer_names(),
+        }
+        raise ConfigError(
+            f"ds_config.optimizer.type: unknown optimizer {type_name!r}{suggest(type_name, known)}; "
+            f"accepted: {accepted_types()}"
+        )
+    for key in params:
+        if key not in allowed:
+            raise ConfigError(
+                f"ds_config.optimizer.params.{key}: not a parameter of {type_name}{suggest(key, allowed)}; "
+                f"accepted: {', '.join(sorted(allowed))}"
+            )
+
+
+def _cpu_adam() -> type[torch.optim.Optimizer] | None:
+    try:
+        from ds_native.optim import CPUAdam
+    except ImportError:
+        return None
+    return CPUAdam
+
+
+def optimizer_factory(type_name: str, params: dict[str, Any], device: torch.device) -> OptimizerFactory:
+    """A factory ``f(param_groups) -> Optimizer`` for a validated ``"optimizer"`` section (no "auto" left)."""
+    check_optimizer(type_name, params)
+    low = type_name.lower()
+    if low in NOT_IMPLEMENTED_OPTIMIZERS:
+        raise NotImplementedError(
+            f"ds_config.optimizer.type {type_name!r}: {NOT_IMPLEMENTED_OPTIMIZERS[low]} is not implemented in zero-all "
+            f"yet; accepted: {accepted_types()}"
+        )
+    params = {k: v for k, v in params.items() if k not in _ADAM_IGNORED}
+    if low in _ADAM_NAMES:
+        return _adam_factory(params, device)
+    cls = getattr(torch.optim, _TORCH_LOWER.get(low, type_name))
+    return lambda groups: cls(groups, **params)
+
+
+def _adam_factory(params: dict[str, Any], device: torch.device) -> OptimizerFactory:
+    params = dict(params)
+    torch_adam = bool(params.pop("torch_adam", False))
+    adam_w_mode = bool(params.pop("adam_w_mode", True))  # DeepSpeed: "Adam" is AdamW by default
+    bias_correction = bool(params.pop("bias_correction", True))
+    # DeepSpeed's Adam defaults to no weight decay (torch's AdamW would default to 0.01).
+    params.setdefault("weight_decay", 0.0)
+    if "betas" in params:
+        params["betas"] = tuple(params["betas"])
+    cpu_adam = _cpu_adam() if device.type == "cpu" and not torch_adam and not params.get("amsgrad") else None
+    if cpu_adam is not None:
+        return lambda groups: cpu_adam(groups, adamw_mode=adam_w_mode, bias_correction=bias_correction, **params)
+    if not bias_correction:
+        raise ConfigError(
+            "ds_config.optimizer.params.bias_correction=false needs ds-native's CPUAdam (CPU, torch_adam false); "
+            "torch's Adam/AdamW always apply bias correction"
+        )
+    cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
+    return lambda groups: cls(groups, **params)
