@@ -60,9 +60,9 @@ def tests(session: nox.Session, package: str) -> None:
 
 @nox.session
 def integration(session: nox.Session) -> None:
-    """Cross-package tests and repository checks, with everything installed."""
+    """Cross-package tests, repository checks and the test helper's own tests, with everything installed."""
     _install(session, "./packages/zero-all[test]", "./packages/ds-monitor[tensorboard,plot]", *TEST_TOOLS)
-    session.run("python", "-m", "pytest", "integration_tests", *session.posargs)
+    session.run("python", "-m", "pytest", "integration_tests", "testing/tests", *session.posargs)
 
 
 @nox.session(venv_backend="uv")
