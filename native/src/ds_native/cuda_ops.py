@@ -25,3 +25,39 @@ def multi_tensor_l2_norm(tensors: Sequence[torch.Tensor]) -> float:
     stream = torch.cuda.current_stream(device).cuda_stream
     written = _ds_native_cuda.multi_tensor_sum_squares(list(tensors), partials, stream)
     return math.sqrt(partials[:written].sum().item())
+
+
+def fused_adam(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    *,
+    step: int,
+    device: torch.device,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    adamw_mode: bool,
+    bias_correction: bool,
+) -> None:
+    """Multi-tensor Adam/AdamW step in place on the current stream of ``device`` (see FusedAdam)."""
+    stream = torch.cuda.current_stream(device).cuda_stream
+    with torch.cuda.device(device):  # the launch goes to the current device
+        _ds_native_cuda.fused_adam(
+            list(params),
+            list(grads),
+            list(exp_avgs),
+            list(exp_avg_sqs),
+            lr,
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+            adamw_mode,
+            bias_correction,
+            step,
+            stream,
+        )
