@@ -179,3 +179,11 @@ def test_comet_sends_each_metric_every_samples_log_interval(monkeypatch: pytest.
     assert [s for n, _, s in exp.metrics if n == "loss"] == [8, 24, 40, 56]
     assert [s for n, _, s in exp.metrics if n == "lr"] == [8, 24, 40, 56]
     assert exp.ended
+
+
+def test_bad_value_is_rejected_before_anything_is_written(tmp_path: Path) -> None:
+    m = MonitorMaster(csv_monitor={"enabled": True, "output_path": str(tmp_path), "job_name": "job"}, rank=0)
+    with pytest.raises(TypeError, match=r"'Train/Samples/samples_per_sec' at step 8: value must be a number"):
+        m.write_events([("loss", 1.0, 8), ("Train/Samples/samples_per_sec", print, 8)])
+    m.close()
+    assert not (tmp_path / "job" / "loss.csv").exists()

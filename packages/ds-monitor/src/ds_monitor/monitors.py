@@ -51,11 +51,17 @@ def log_dir(output_path: str, job_name: str) -> str:
     return os.path.join(output_path or "", job_name)
 
 
-def _scalar(value: Any) -> float:
+def _scalar(value: Any, name: str = "", step: Any = None) -> float:
     """A plain Python number from a float, int, numpy scalar or one-element tensor."""
-    if hasattr(value, "item"):
-        value = value.item()
-    return float(value)
+    try:
+        if hasattr(value, "item"):
+            value = value.item()
+        return float(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(
+            f"monitor event {name!r} at step {step}: value must be a number or a one-element tensor, "
+            f"got {type(value).__name__} {value!r:.80}"
+        ) from exc
 
 
 def _require(module: str, extra: str, what: str) -> Any:
@@ -113,7 +119,7 @@ class TensorBoardMonitor(Monitor):
     def write_events(self, events: Iterable[Event]) -> None:
         """Add each event as a scalar and flush, so a live TensorBoard sees it (as DeepSpeed does)."""
         for name, value, step in events:
-            self.writer.add_scalar(name, _scalar(value), int(step))
+            self.writer.add_scalar(name, _scalar(value, name, step), int(step))
         self.writer.flush()
 
     def update_config(self, config: Mapping[str, Any]) -> None:
@@ -171,7 +177,7 @@ class CSVMonitor(Monitor):
         """Append one ``step,value`` row per event; values are written with full float precision."""
         touched = set()
         for name, value, step in events:
-            self._writer(name).writerow([int(step), repr(_scalar(value))])
+            self._writer(name).writerow([int(step), repr(_scalar(value, name, step))])
             touched.add(name)
         for name in touched:
             self._files[name].flush()
@@ -237,7 +243,7 @@ class WandbMonitor(Monitor):
         """One ``run.log(row, step=step)`` per distinct step, in order of first appearance."""
         rows: dict[int, dict[str, float]] = {}
         for name, value, step in events:
-            rows.setdefault(int(step), {})[name] = _scalar(value)
+            rows.setdefault(int(step), {})[name] = _scalar(value, name, step)
         for step, row in rows.items():
             self.run.log(row, step=step)
 
@@ -285,7 +291,7 @@ class CometMonitor(Monitor):
         """``experiment.log_metric`` for each event that is due."""
         for name, value, step in events:
             if self._due(name, int(step)):
-                self.experiment.log_metric(name, _scalar(value), step=int(step))
+                self.experiment.log_metric(name, _scalar(value, name, step), step=int(step))
 
     def update_config(self, config: Mapping[str, Any]) -> None:
         """Log the config as experiment parameters."""
@@ -353,7 +359,8 @@ class MonitorMaster(Monitor):
         """Pass the events to every monitor (a no-op on other ranks)."""
         if not self.monitors:
             return
-        events = list(events)
+        # Convert once (one .item() per tensor, and a bad value fails before any monitor wrote).
+        events = [(name, _scalar(value, name, step), int(step)) for name, value, step in events]
         for monitor in self.monitors:
             monitor.write_events(events)
 
