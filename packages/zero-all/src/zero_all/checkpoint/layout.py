@@ -18,6 +18,7 @@ checkpoint and ``latest`` untouched; the leftover ``.tmp-`` directory is never r
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import secrets
@@ -127,8 +128,6 @@ class CheckpointWriter:
 
 
 def _record(path: Path) -> dict[str, Any]:
-    import hashlib
-
     data = path.read_bytes()
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
@@ -157,6 +156,12 @@ class CheckpointReader:
 
     def __init__(self, load_dir: str | os.PathLike[str], tag: str) -> None:
         self.dir = Path(load_dir) / check_tag(tag)
+        if not self.dir.exists():
+            # Killed between moving an older copy of this tag aside and renaming the new one in:
+            # the older copy is complete (it was committed), so read it.
+            olds = sorted(Path(load_dir).glob(f".{tag}.old-*"))
+            if olds:
+                self.dir = olds[0]
         if not (self.dir / MANIFEST).is_file():
             raise CheckpointError(f"no checkpoint at {self.dir} (missing {MANIFEST})")
         self.manifest = read_json(self.dir / MANIFEST)

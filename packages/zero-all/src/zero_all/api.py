@@ -1,0 +1,244 @@
+"""``initialize()``: DeepSpeed's entry point, same arguments and return value.
+
+``engine, optimizer, dataloader, lr_scheduler = zero_all.initialize(model=..., config=...)``.
+The steps, each one call into the package that owns it: join the process group, read and
+validate the config, resolve "auto" values and the batch triple, cast the model to the
+training dtype, build the ZeRO optimizer (zero-shard) with the loss scaler (amp-scaler), the
+LR schedule, the data loader and activation checkpointing (act-ckpt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from zero_all.config.auto import AutoContext, resolve_auto
+from zero_all.config.batch import resolve_batch_sizes
+from zero_all.config.loader import ConfigError
+from zero_all.config.model import ZeroAllConfig, load_config
+from zero_all.distributed import get_device, init_distributed
+from zero_all.engine import Engine
+from zero_all.optim import OptimizerFactory, optimizer_factory
+from zero_all.schedulers import build_scheduler
+
+__all__ = ["add_config_arguments", "initialize"]
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """DeepSpeed's ``--deepspeed`` / ``--deepspeed_config`` arguments."""
+    group = parser.add_argument_group("zero-all", "DeepSpeed-compatible configuration")
+    group.add_argument("--deepspeed", default=False, action="store_true", help="enable the engine (accepted)")
+    group.add_argument("--deepspeed_config", default=None, type=str, help="ds_config.json path")
+    return parser
+
+
+def _compute_dtype(cfg: ZeroAllConfig) -> torch.dtype:
+    from amp_scaler import check_precision
+
+    check_precision(cfg.fp16, cfg.bf16)
+    if cfg.fp16.enabled is True:
+        return torch.float16
+    if cfg.bf16.enabled is True:
+        return torch.bfloat16
+    return torch.float32
+
+
+def _check_supported(cfg: ZeroAllConfig) -> None:
+    zero = cfg.zero_optimization
+    for section in ("offload_optimizer", "offload_param"):
+        sub = getattr(zero, section, None)
+        device = getattr(sub, "device", None) if sub is not None else None
+        if device is not None and str(getattr(device, "value", device)) not in ("none", "None"):
+            raise NotImplementedError(
+                f"ds_config.zero_optimization.{section}.device={str(getattr(device, 'value', device))!r}: offload is "
+                'not wired into zero-all\'s engine yet (it lands with offload-io); set it to "none" or remove the section'
+            )
+    if int(zero.stage) == 3:
+        raise NotImplementedError(
+            "ds_config.zero_optimization.stage=3 is not wired into zero-all's engine yet; use 0, 1 or 2"
+        )
+
+
+def _named_groups(model: torch.nn.Module, params: Iterable[Any] | None) -> list[dict[str, Any]]:
+    """Param groups as zero-shard wants them: ``{"params": [(name, p), ...], **hyper}``."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    if params is None:
+        return [{"params": [(n, p) for n, p in model.named_parameters() if p.requires_grad]}]
+    params = list(params)
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    out = []
+    for g in groups:
+        named = []
+        for p in g["params"]:
+            if isinstance(p, tuple):
+                named.append(p)
+            elif id(p) in names:
+                named.append((names[id(p)], p))
+            else:
+                raise ValueError("model_parameters holds a tensor that is not a parameter of model")
+        out.append({**{k: v for k, v in g.items() if k != "params"}, "params": named})
+    return out
+
+
+def _client_factory(optimizer: Any) -> OptimizerFactory:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        cls = type(optimizer)
+        accepted = set(inspect.signature(cls.__init__).parameters)
+        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+        return lambda groups: cls(groups, **defaults)
+    if callable(optimizer):
+        return optimizer
+    raise TypeError(
+        f"optimizer must be a torch.optim.Optimizer or a callable(params) -> Optimizer, got {type(optimizer).__name__}"
+    )
+
+
+def _client_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return _named_groups(model, [dict(g) for g in optimizer.param_groups])
+
+
+def _build_dataloader(
+    training_data: Any, micro_batch: int, collate_fn: Callable | None, drop_last: bool
+) -> DataLoader | None:
+    if training_data is None:
+        return None
+    if isinstance(training_data, DataLoader):
+        return training_data
+    if not isinstance(training_data, Dataset):
+        raise TypeError(f"training_data must be a torch Dataset (or a DataLoader), got {type(training_data).__name__}")
+    sampler = None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        sampler = DistributedSampler(training_data, num_replicas=dist.get_world_size(), rank=dist.get_rank())
+    return DataLoader(
+        training_data, batch_size=micro_batch, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last
+    )
+
+
+def initialize(
+    args: Any = None,
+    model: torch.nn.Module | None = None,
+    optimizer: Any = None,
+    model_parameters: Iterable[Any] | None = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    distributed_port: int | None = None,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+    collate_fn: Callable | None = None,
+    config: str | os.PathLike[str] | dict[str, Any] | ZeroAllConfig | None = None,
+    config_params: Any = None,
+) -> tuple[Engine, Any, DataLoader | None, Any]:
+    """Build the engine; returns ``(engine, optimizer, dataloader, lr_scheduler)`` as DeepSpeed does.
+
+    ``config`` is a path, a dict, a JSON string or a ZeroAllConfig (``config_params`` and
+    ``args.deepspeed_config`` are DeepSpeed's older spellings). ``optimizer`` may be a torch
+    optimizer (its class and hyperparameters are rebuilt over zero-shard's partitions) or a
+    callable ``params -> Optimizer``; without one the config's ``"optimizer"`` section is used.
+    ``lr_scheduler`` may be a callable ``optimizer -> scheduler`` (preferred) or a scheduler.
+    """
+    if model is None:
+        raise ValueError("initialize() needs model=")
+    if mpu is not None:
+        raise NotImplementedError("mpu (model parallelism) is not wired into zero-all's engine yet")
+    if config is None:
+        config = config_params
+    if config is None and args is not None:
+        config = getattr(args, "deepspeed_config", None)
+    if config is None:
+        raise ConfigError("initialize() needs config= (a ds_config path, dict or JSON string)")
+    init_distributed(dist_init_required)
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+
+    cfg = load_config(config)
+    loader_batch = training_data.batch_size if isinstance(training_data, DataLoader) else None
+    ctx = AutoContext(model, optimizer, loader_batch, client_lr_scheduler=lr_scheduler is not None)
+    micro_was_auto = cfg.train_micro_batch_size_per_gpu == "auto"
+    cfg = ZeroAllConfig.from_dict(resolve_auto(cfg.raw, ctx), warn=False)
+    try:
+        batch = resolve_batch_sizes(
+            cfg.train_batch_size, cfg.train_micro_batch_size_per_gpu, cfg.gradient_accumulation_steps, world_size
+        )
+    except ConfigError as e:
+        if micro_was_auto:
+            raise ConfigError(
+                f"{e}. train_micro_batch_size_per_gpu is 'auto': pass training_data as a DataLoader (its batch_size "
+                "is used) or give two of the three batch keys"
+            ) from None
+        raise
+    _check_supported(cfg)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+
+    device = get_device()
+    dtype = _compute_dtype(cfg)
+    model.to(device=device, dtype=dtype)
+
+    if cfg.optimizer is not None:
+        if optimizer is not None:
+            warnings.warn(
+                "both ds_config.optimizer and optimizer= were given: the config's optimizer is used "
+                "(its 'auto' values were taken from yours)",
+                UserWarning,
+                stacklevel=2,
+            )
+        factory = optimizer_factory(cfg.optimizer.type, dict(cfg.optimizer.params), device)
+        groups = _named_groups(model, model_parameters)
+    elif optimizer is not None:
+        factory = _client_factory(optimizer)
+        if isinstance(optimizer, torch.optim.Optimizer) and model_parameters is None:
+            groups = _client_groups(model, optimizer)
+        else:
+            groups = _named_groups(model, model_parameters)
+    else:
+        raise ConfigError("no optimizer: set ds_config.optimizer or pass optimizer= to initialize()")
+
+    from amp_scaler import create_loss_scaler
+    from zero_shard import ZeroShardedOptimizer
+
+    scaler = create_loss_scaler(cfg.fp16 if cfg.fp16.enabled is True else None)
+    zero_opt = ZeroShardedOptimizer(
+        groups,
+        factory,
+        cfg.zero_optimization,
+        compute_dtype=dtype,
+        loss_scaler=scaler,
+        gradient_clipping=float(cfg.gradient_clipping),
+        gradient_predivide_factor=float(cfg.gradient_predivide_factor),
+    )
+
+    scheduler = _build_lr_scheduler(lr_scheduler, optimizer, zero_opt, cfg)
+    dataloader = _build_dataloader(
+        training_data, batch.train_micro_batch_size_per_gpu, collate_fn, cfg.dataloader_drop_last
+    )
+    if "activation_checkpointing" in cfg.raw:
+        from act_ckpt import checkpointing
+
+        checkpointing.configure(None, deepspeed_config=cfg.raw)
+
+    engine = Engine(model, zero_opt, scheduler, cfg, batch, device=device, training_dataloader=dataloader)
+    return engine, zero_opt, dataloader, scheduler
+
+
+def _build_lr_scheduler(client: Any, client_optimizer: Any, zero_opt: Any, cfg: ZeroAllConfig) -> Any:
+    if client is None:
+        if cfg.scheduler is None:
+            return None
+        return build_scheduler(cfg.scheduler.type, zero_opt, dict(cfg.scheduler.params))
+    if hasattr(client, "step") and hasattr(client, "optimizer"):
+        # A scheduler built over the client optimizer: point it at the optimizer that trains.
+        if client.optimizer is client_optimizer:
+            client.optimizer = zero_opt
+        return client
+    if callable(client):
+        return client(zero_opt)
+    raise TypeError(
+        f"lr_scheduler must be a scheduler or a callable(optimizer) -> scheduler, got {type(client).__name__}"
+    )

@@ -1,0 +1,209 @@
+"""The training engine: DeepSpeed's ``DeepSpeedEngine`` interface, composed from the packages.
+
+The engine owns the training-loop bookkeeping (micro steps, accumulation boundaries, global
+steps, the learning-rate schedule, printing and monitoring) and delegates the numbers:
+zero-shard's ``ZeroShardedOptimizer`` does backward scaling, gradient reduction, unscale +
+clip, the optimizer step and parameter all-gather for ZeRO stages 0-2; checkpoint files are
+written by ``zero_all.checkpoint``. (DeepSpeed's engine is 5,863 lines; this one composes.)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from zero_all.checkpoint.engine_io import load_engine_checkpoint, save_engine_checkpoint
+from zero_all.config.batch import BatchSizes
+from zero_all.config.model import ZeroAllConfig
+from zero_all.monitoring import EngineMonitor
+
+__all__ = ["Engine"]
+
+
+class Engine(torch.nn.Module):
+    """Wraps ``module`` for training with a ds_config; returned by :func:`zero_all.initialize`.
+
+    Use it as DeepSpeed's engine::
+
+        loss = engine(batch)          # forward
+        engine.backward(loss)         # scaled, accumulated backward
+        engine.step()                 # optimizer + scheduler at accumulation boundaries
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: Any,
+        lr_scheduler: Any,
+        config: ZeroAllConfig,
+        batch: BatchSizes,
+        *,
+        device: torch.device,
+        process_group: Any = None,
+        training_dataloader: Any = None,
+    ) -> None:
+        super().__init__()
+        self.module = module
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.config = config
+        self.batch = batch
+        self.device = device
+        self.process_group = process_group
+        self.training_dataloader = training_dataloader
+        self.global_rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size(process_group) if dist.is_initialized() else 1
+        self.global_steps = 0
+        self.global_samples = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self._step_skipped = False
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+        self.monitor = EngineMonitor(config, batch, self.global_rank, self.world_size)
+
+    # ----------------------------------------------------------------- properties DeepSpeed has
+    def train_batch_size(self) -> int:
+        """Samples per optimizer step over all ranks."""
+        return self.batch.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        """Samples per forward on one rank."""
+        return self.batch.train_micro_batch_size_per_gpu
+
+    def gradient_accumulation_steps(self) -> int:
+        """Micro steps per optimizer step."""
+        return self.batch.gradient_accumulation_steps
+
+    def zero_optimization_stage(self) -> int:
+        """The ZeRO stage in use."""
+        return int(self.config.zero_optimization.stage)
+
+    def gradient_clipping(self) -> float:
+        """The clipping norm (0 = off)."""
+        return float(self.config.gradient_clipping)
+
+    @property
+    def loss_scale(self) -> float:
+        """The current loss scale (1.0 unless fp16)."""
+        return float(self.optimizer.loss_scale)
+
+    def get_lr(self) -> list[float]:
+        """The learning rate of every param group."""
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> float | None:
+        """The global gradient norm of the last optimizer step (before clipping)."""
+        norm = getattr(self.optimizer, "global_grad_norm", None)
+        return None if norm is None else float(norm)
+
+    def was_step_skipped(self) -> bool:
+        """Whether the last optimizer step was skipped (fp16 overflow)."""
+        return self._step_skipped
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """True on the micro step whose ``step()`` will run the optimizer."""
+        return (self.micro_steps + 1) % self.batch.gradient_accumulation_steps == 0
+
+    # ----------------------------------------------------------------- the loop
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped module."""
+        self.monitor.timers_start("forward")
+        out = self.module(*args, **kwargs)
+        self.monitor.timers_stop("forward")
+        return out
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
+        """Backward of ``loss / gradient_accumulation_steps`` (loss-scaled, reduced by zero-shard)."""
+        if not torch.is_tensor(loss) or loss.numel() != 1:
+            raise ValueError("engine.backward(loss) needs a scalar loss tensor")
+        self.monitor.timers_start("backward")
+        detached = loss.detach().float()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._loss_count += 1
+        gas = self.batch.gradient_accumulation_steps
+        scaled = loss / gas if gas > 1 else loss
+        self.optimizer.set_gradient_accumulation_boundary(self.is_gradient_accumulation_boundary())
+        if retain_graph:
+            self.optimizer.backward(scaled, retain_graph=True)
+        else:
+            self.optimizer.backward(scaled)
+        self.monitor.timers_stop("backward")
+        return loss
+
+    def step(self) -> None:
+        """At an accumulation boundary: clip, optimizer step, scheduler step, zero grads. Always: count the micro step."""
+        if self.is_gradient_accumulation_boundary():
+            self.monitor.timers_start("step")
+            ok = bool(self.optimizer.step())
+            self._step_skipped = not ok
+            if ok:
+                if self.lr_scheduler is not None:
+                    self.lr_scheduler.step()
+            else:
+                self.skipped_steps += 1
+            self.optimizer.zero_grad()
+            self.global_steps += 1
+            self.global_samples += self.batch.train_batch_size
+            self.monitor.timers_stop("step")
+            self._report()
+        self.micro_steps += 1
+
+    def _report(self) -> None:
+        loss = None
+        if self._loss_sum is not None:
+            loss = float(self._loss_sum.item() / self._loss_count)
+        self._loss_sum, self._loss_count = None, 0
+        self.monitor.after_step(
+            step=self.global_steps,
+            samples=self.global_samples,
+            loss=loss,
+            lr=self.get_lr(),
+            loss_scale=self.loss_scale,
+            grad_norm=self.get_global_grad_norm(),
+            skipped=self.skipped_steps,
+        )
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop accumulated gradients (the engine does this itself after each optimizer step)."""
+        self.optimizer.zero_grad()
+
+    # ----------------------------------------------------------------- checkpoints
+    def save_checkpoint(
+        self,
+        save_dir: str | os.PathLike[str],
+        tag: str | None = None,
+        client_state: dict[str, Any] | None = None,
+        save_latest: bool = True,
+        exclude_frozen_parameters: bool = False,
+    ) -> bool:
+        """Write a pickle-free checkpoint to ``save_dir/tag`` (tag defaults to ``global_step<N>``)."""
+        tag = f"global_step{self.global_steps}" if tag is None else str(tag)
+        save_engine_checkpoint(self, save_dir, tag, client_state or {}, save_latest=save_latest)
+        return True
+
+    def load_checkpoint(
+        self,
+        load_dir: str | os.PathLike[str],
+        tag: str | None = None,
+        load_module_strict: bool = True,
+        load_optimizer_states: bool = True,
+        load_lr_scheduler_states: bool = True,
+        load_module_only: bool = False,
+    ) -> tuple[str | None, dict[str, Any] | None]:
+        """Load a checkpoint (any world size, any stage 0-2); returns ``(path, client_state)`` or ``(None, None)``."""
+        return load_engine_checkpoint(
+            self,
+            load_dir,
+            tag,
+            load_module_strict=load_module_strict,
+            load_optimizer_states=load_optimizer_states and not load_module_only,
+            load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
+        )
+
+    def destroy(self) -> None:
+        """Close monitors."""
+        self.monitor.close()
