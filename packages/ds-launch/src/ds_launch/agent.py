@@ -24,6 +24,7 @@ import base64
 import collections
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -203,11 +204,14 @@ def _make_agent_class() -> type:
             self.pump: _OutputPump | None = None
             self.aborted = False
             self.status: int | None = None  # set when one of our workers failed
+            self.exit_times: dict[int, float] = {}  # local rank -> when it exited (SIGCHLD)
             self._store_failures = 0
 
         def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
             pids = super()._start_workers(worker_group)
             pc = self._pcontext
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGCHLD, self._on_sigchld)
             files = [(r, pc.stdouts[r], sys.stdout.buffer) for r in sorted(pc.stdouts) if pc.stdouts[r]]
             files += [(r, pc.stderrs[r], sys.stderr.buffer) for r in sorted(pc.stderrs) if pc.stderrs[r]]
             self.pump = _OutputPump(files, keep=self.cfg.tail_lines)
@@ -217,6 +221,17 @@ def _make_agent_class() -> type:
         def _stop_workers(self, worker_group: WorkerGroup) -> None:
             self._shutdown(timeout=max(1, round(self.cfg.term_timeout)))
             self.kill_leftovers()
+
+        def _on_sigchld(self, _signum: int, _frame: object) -> None:
+            # When one rank dies its peers often fail a moment later (connection reset). To
+            # name the root cause we note when each worker exited, without reaping it (WNOWAIT).
+            handlers = getattr(self._pcontext, "subprocess_handlers", {}) if self._pcontext else {}
+            for local_rank, handler in handlers.items():
+                if local_rank in self.exit_times:
+                    continue
+                with contextlib.suppress(ChildProcessError, OSError):
+                    if os.waitid(os.P_PID, handler.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                        self.exit_times[local_rank] = time.monotonic()
 
         def kill_leftovers(self) -> None:
             """SIGKILL each worker's whole process group, even if the worker itself has exited:
@@ -237,31 +252,38 @@ def _make_agent_class() -> type:
                 return self._store_failures >= 3
 
         def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+            pc = self._pcontext
+            if self.status is None and pc is not None:
+                # Find the root cause ourselves, before torch's poll terminates the others
+                # (with a fixed 30 s grace) and lists them as failures too.
+                failed = [
+                    (self.exit_times.get(lr, float("inf")), lr, h.proc.returncode)
+                    for lr, h in getattr(pc, "subprocess_handlers", {}).items()
+                    if h.proc.poll() not in (None, 0)
+                ]
+                if failed:
+                    _, local_rank, code = min(failed)
+                    _STOPPING.set()
+                    self.status = self._report(worker_group.workers[local_rank].global_rank, local_rank, code)
+                    if len(self.cfg.world) > 1:
+                        # Best effort: if the store is gone, the others notice that too.
+                        with contextlib.suppress(Exception):
+                            worker_group.store.set(_ABORT_KEY, self.cfg.host)
+                    pc.close(signal.SIGTERM, timeout=max(1, round(self.cfg.term_timeout)))
             result = super()._monitor_workers(worker_group)
-            if result.state == WorkerState.FAILED and result.failures:
-                # Report before stopping the others: a runner may SIGTERM us while we stop them.
-                _STOPPING.set()
-                self.status = self._report(result)
-                if len(self.cfg.world) > 1:
-                    # Best effort: if the store is gone, the others notice that too.
-                    with contextlib.suppress(Exception):
-                        worker_group.store.set(_ABORT_KEY, self.cfg.host)
-            elif (
-                result.state == WorkerState.HEALTHY and len(self.cfg.world) > 1 and self._abort_requested(worker_group)
-            ):
+            if result.state == WorkerState.HEALTHY and len(self.cfg.world) > 1 and self._abort_requested(worker_group):
                 _STOPPING.set()
                 self.aborted = True
                 return RunResult(state=WorkerState.FAILED)
             return result
 
-        def _report(self, result: RunResult) -> int:
-            rank, failure = min(result.failures.items(), key=lambda kv: (kv[1].timestamp, kv[0]))
+        def _report(self, rank: int, local_rank: int, exitcode: int) -> int:
             lines: list[str] = []
             if self.pump is not None:
                 self.pump.drain()
-                lines = list(self.pump.last_lines.get(failure.local_rank, []))
-            _report(self.cfg, rank, failure.local_rank, failure.exitcode, lines)
-            return _exit_code(failure.exitcode)
+                lines = list(self.pump.last_lines.get(local_rank, []))
+            _report(self.cfg, rank, local_rank, exitcode, lines)
+            return _exit_code(exitcode)
 
         def _exit_barrier(self) -> None:
             # Wait for the other nodes' workers (node 0 hosts the store they may still use),
@@ -354,6 +376,11 @@ def run_node(cfg: AgentConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _terminate_process_handler)
+    # torch logs the *earliest-timestamped* failure with 1 s resolution, which after we stop
+    # the others is often a rank we killed; our own report names the root cause instead.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
+        lambda record: not str(record.msg).startswith("failed (exitcode")
+    )
     os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
     if cfg.watch_stdin:
         _watch_stdin()

@@ -1,0 +1,102 @@
+"""Real launches on this machine: ds-launch starts real gloo workers through torch's elastic agent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import LAUNCHER, WORKER, alive, free_port, read_reports
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def launch(args: list[str], env: dict[str, str], timeout: float = 90) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ds-launch to completion; returns the result and when it ended."""
+    proc = subprocess.run([*LAUNCHER, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.time()
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_two_rank_all_reduce(tmp_path: Path, launcher_env: dict[str, str]) -> None:
+    (tmp_path / ".deepspeed_env").write_text("DSL_TEST_VALUE=a b=c $HOME 'q'\n")
+    launcher_env["DS_ENV_FILE"] = str(tmp_path / ".deepspeed_env")
+    args = [
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(WORKER),
+        str(tmp_path),
+        "a b",
+        "$HOME",
+        "$$",
+        '"q"',
+    ]
+    proc, _ = launch(args, launcher_env)
+    assert proc.returncode == 0, proc.stderr
+    reports = read_reports(tmp_path)
+    assert sorted(reports) == [0, 1]
+    for rank, r in reports.items():
+        assert r["world_size"] == 2 and r["local_rank"] == rank and r["local_world_size"] == 2 and r["local_size"] == 2
+        assert r["sum"] == 3.0
+        # DeepSpeed's --local_rank=N comes first, then the user's arguments exactly as typed.
+        assert r["argv"] == [f"--local_rank={rank}", str(tmp_path), "a b", "$HOME", "$$", '"q"']
+        assert r["test_value"] == "a b=c $HOME 'q'"
+    assert "rank 0/2 sum=3.0" in proc.stdout and "rank 1/2 sum=3.0" in proc.stdout
+
+
+def test_failing_worker_stops_the_others(tmp_path: Path, launcher_env: dict[str, str]) -> None:
+    # Rank 1 exits 3; rank 0 hangs in a collective AND ignores SIGTERM, so only the
+    # SIGKILL after --term_timeout stops it: the bound is what is tested.
+    term_timeout = 2
+    args = [
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--term_timeout",
+        str(term_timeout),
+        "--no_local_rank",
+    ]
+    args += [str(WORKER), str(tmp_path), "--fail-rank", "1", "--fail-code", "3", "--ignore-term", "--spawn-child"]
+    proc, end = launch(args, launcher_env)
+    assert proc.returncode == 3, proc.stderr
+    failed_at = float((tmp_path / "fail_time").read_text())
+    # term_timeout + the monitor interval + interpreter teardown, with slack for a loaded CI machine.
+    assert end - failed_at < term_timeout + 8, end - failed_at
+    assert "rank 1 (local rank 1) on host localhost exited with code 3" in proc.stderr
+    assert "    | rank 1 failing on purpose with code 3" in proc.stderr  # its last lines
+    reports = read_reports(tmp_path)
+    for r in reports.values():
+        assert not alive(r["pid"]), f"rank {r['rank']} survived"
+        assert not alive(r["child_pid"]), f"rank {r['rank']}'s child survived"
+
+
+def test_sigterm_to_launcher_stops_every_worker(tmp_path: Path, launcher_env: dict[str, str]) -> None:
+    args = ["--num_gpus", "2", "--master_port", str(free_port()), "--term_timeout", "3"]
+    args += [str(WORKER), str(tmp_path), "--hang", "--spawn-child"]
+    proc = subprocess.Popen(
+        [*LAUNCHER, *args], env=launcher_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: len(read_reports(tmp_path)) == 2, 90, "both ranks to start")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM received" in err
+    for r in read_reports(tmp_path).values():
+        assert not alive(r["pid"]) and not alive(r["child_pid"])
