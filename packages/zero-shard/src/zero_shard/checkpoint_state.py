@@ -1,0 +1,232 @@
+"""Sharded checkpoint state: save per rank, load at any world size and stage, consolidate to full tensors.
+
+What a rank saves (:func:`sharded_state`) is keyed by parameter *name* and by *flattened element range*,
+not by rank or partition, so nothing about the saving run's world size or stage is needed to read it:
+
+- tensors: ``"<name>/master"`` (fp32 master values) and ``"<name>/<state key>"`` (e.g. ``exp_avg``) for
+  the elements ``[start, end)`` of that parameter that this rank holds;
+- metadata (JSON-able): for every parameter its group, global shape and this rank's ``[start, end)``
+  (empty when it holds none), the stage, world size and rank, each group's hyperparameters and scalar
+  optimizer state (Adam's ``step``), the loss scaler's state and the number of steps taken.
+
+A stage-0 rank holds everything but saves only the range a stage-1 rank would own, so a stage-0
+checkpoint is as small per rank as a stage-1 one and has the same shape.
+
+Loading (:func:`load_sharded_state`) gathers, for the elements the loading rank needs, the overlapping
+ranges from every saved rank: resharding is copying by global element offset. Same world size and stage
+gives back exactly the tensors that were saved, so a resumed run continues bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from zero_shard.optimizer import ZeroShardedOptimizer
+
+__all__ = ["FORMAT", "consolidate", "load_sharded_state", "sharded_state"]
+
+FORMAT = "zero-shard/1"
+Shard = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, tuple | list):
+        return [_jsonable(x) for x in v]
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    return repr(v)
+
+
+def _encode_scalar(v: Any) -> dict[str, Any]:
+    if isinstance(v, torch.Tensor):
+        return {"tensor": True, "dtype": str(v.dtype).removeprefix("torch."), "value": v.item()}
+    return {"tensor": False, "value": _jsonable(v)}
+
+
+def _decode_scalar(d: dict[str, Any], device: torch.device) -> Any:
+    if d["tensor"]:
+        return torch.tensor(d["value"], dtype=getattr(torch, d["dtype"]), device=device)
+    return d["value"]
+
+
+def _is_elementwise(v: Any) -> bool:
+    # Per-element state (exp_avg, exp_avg_sq) has the master's 1-D shape; 0-d tensors are scalars (step).
+    return isinstance(v, torch.Tensor) and v.dim() > 0
+
+
+def sharded_state(opt: ZeroShardedOptimizer) -> Shard:
+    """This rank's tensors and metadata (see the module docstring)."""
+    tensors: dict[str, torch.Tensor] = {}
+    params: dict[str, dict[str, Any]] = {}
+    groups: list[dict[str, Any]] = []
+    for g, lay in enumerate(opt.layouts):
+        lo, hi = lay.partition(opt.rank)
+        master = opt.masters[g].detach()
+        state = opt.inner.state.get(opt.masters[g], {})
+        # Stage 0 holds the whole group: save only the range this rank would own at stage 1.
+        part = {"master": master[lo:hi] if opt.stage == 0 else master}
+        for k, v in state.items():
+            if _is_elementwise(v):
+                part[k] = v[lo:hi] if opt.stage == 0 else v
+        for slot in lay.slots:
+            params[slot.name] = {"group": g, "shape": list(slot.shape), "start": 0, "end": 0}
+        for i, a, b in lay.fragments(opt.rank):
+            slot = lay.slots[i]
+            params[slot.name].update(start=a, end=b)
+            off = slot.offset + a - lo
+            for k, t in part.items():
+                # Own storage, contiguous: safetensors refuses views that share memory.
+                tensors[f"{slot.name}/{k}"] = t[off : off + b - a].detach().clone()
+        hyper = {k: _jsonable(v) for k, v in opt.inner.param_groups[g].items() if k != "params"}
+        scalars = {k: _encode_scalar(v) for k, v in state.items() if not _is_elementwise(v)}
+        groups.append({"hyper": hyper, "scalars": scalars, "state_keys": sorted(k for k in part if k != "master")})
+    meta = {
+        "format": FORMAT,
+        "stage": opt.stage,
+        "world_size": opt.world_size,
+        "rank": opt.rank,
+        "compute_dtype": str(opt.compute_dtype).removeprefix("torch."),
+        "optimizer": type(opt.inner).__name__,
+        "params": params,
+        "groups": groups,
+        "loss_scaler": opt.loss_scaler.state_dict(),
+        "global_steps": opt.global_steps,
+    }
+    return tensors, meta
+
+
+def _check_shards(shards: list[Shard]) -> list[Shard]:
+    if not shards:
+        raise ValueError("load_sharded_state: no shards given")
+    for i, (_, meta) in enumerate(shards):
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"shard {i}: not zero-shard state (format {meta.get('format')!r}, expected {FORMAT!r})")
+    world = shards[0][1]["world_size"]
+    ranks = sorted(m["rank"] for _, m in shards)
+    if ranks != list(range(world)):
+        raise ValueError(f"need the state of every saved rank 0..{world - 1} (world size {world}); got ranks {ranks}")
+    return sorted(shards, key=lambda s: s[1]["rank"])
+
+
+def _index(shards: list[Shard]) -> dict[str, list[tuple[int, int, int]]]:
+    """For each parameter name: ``(start, end, shard index)`` of every saved fragment."""
+    out: dict[str, list[tuple[int, int, int]]] = {}
+    for si, (_, meta) in enumerate(shards):
+        for name, pm in meta["params"].items():
+            if pm["end"] > pm["start"]:
+                out.setdefault(name, []).append((pm["start"], pm["end"], si))
+    return out
+
+
+def _gather_range(
+    shards: list[Shard],
+    index: dict[str, list[tuple[int, int, int]]],
+    name: str,
+    key: str,
+    a: int,
+    b: int,
+    out: torch.Tensor,
+) -> None:
+    """Fill ``out`` (length b - a) with elements ``[a, b)`` of ``name``'s ``key`` from the saved fragments."""
+    covered = 0
+    for sa, sb, si in index.get(name, []):
+        x, y = max(a, sa), min(b, sb)
+        if x >= y:
+            continue
+        t = shards[si][0].get(f"{name}/{key}")
+        if t is None:
+            raise KeyError(f"saved rank {si} has no tensor {name}/{key}")
+        out[x - a : y - a].copy_(t[x - sa : y - sa])
+        covered += y - x
+    if covered != b - a:
+        raise ValueError(f"saved state covers {covered} of the {b - a} elements [{a}, {b}) of {name}/{key}")
+
+
+def load_sharded_state(opt: ZeroShardedOptimizer, shards: list[Shard]) -> None:
+    """Load every saved rank's state into ``opt`` (collective at stages 1-2: call it on every rank)."""
+    shards = _check_shards(shards)
+    meta0 = shards[0][1]
+    saved = meta0["params"]
+    current = {s.name: (g, s) for g, lay in enumerate(opt.layouts) for s in lay.slots}
+    missing, unexpected = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    for name, (g, slot) in current.items():
+        if saved[name]["group"] != g or tuple(saved[name]["shape"]) != slot.shape:
+            raise ValueError(
+                f"{name}: saved as group {saved[name]['group']} shape {tuple(saved[name]['shape'])}, "
+                f"model has group {g} shape {slot.shape}"
+            )
+    if len(meta0["groups"]) != len(opt.layouts):
+        raise ValueError(f"checkpoint has {len(meta0['groups'])} param groups, the optimizer {len(opt.layouts)}")
+    index = _index(shards)
+    load_master = opt.config.load_from_fp32_weights
+    for g, lay in enumerate(opt.layouts):
+        master = opt.masters[g]
+        # The flat range this rank keeps: everything at stage 0, its partition otherwise.
+        lo, hi = (0, lay.padded_numel) if opt.stage == 0 else lay.partition(opt.rank)
+        group_meta = meta0["groups"][g]
+        keys = group_meta["state_keys"]
+        probe = _any_name(shards, lay)
+        dtypes = {k: shards[0][0][f"{probe}/{k}"].dtype for k in keys} if probe is not None else {}
+        new = {k: torch.zeros(hi - lo, dtype=dtypes.get(k, torch.float32), device=master.device) for k in keys}
+        if load_master:
+            new["master"] = torch.zeros(hi - lo, dtype=torch.float32, device=master.device)
+        for slot in lay.slots:
+            a, b = max(lo, slot.offset), min(hi, slot.end)
+            if a >= b:
+                continue
+            for k, t in new.items():
+                _gather_range(shards, index, slot.name, k, a - slot.offset, b - slot.offset, t[a - lo : b - lo])
+        with torch.no_grad():
+            if load_master:
+                master.copy_(new.pop("master"))
+            else:
+                # DeepSpeed's load_from_fp32_weights=false: the master restarts from the (16-bit) model.
+                master.copy_(opt.flat_params[g][lo:hi].float())
+        state: dict[str, Any] = dict(new)
+        for k, d in group_meta["scalars"].items():
+            state[k] = _decode_scalar(d, master.device)
+        opt.inner.state[master] = state
+        group = opt.inner.param_groups[g]
+        for k, v in group_meta["hyper"].items():
+            if k in group and isinstance(v, bool | int | float | list):
+                group[k] = tuple(v) if isinstance(group[k], tuple) else v
+    opt.loss_scaler.load_state_dict(meta0["loss_scaler"])
+    opt.global_steps = int(meta0.get("global_steps", 0))
+    opt.reducer.zero_grad()
+    if load_master:
+        opt._refresh_model()
+
+
+def _any_name(shards: list[Shard], lay: Any) -> str | None:
+    """A parameter of this group with a saved fragment on rank 0 (to read the state dtypes from)."""
+    params = shards[0][1]["params"]
+    for slot in lay.slots:
+        pm = params.get(slot.name)
+        if pm is not None and pm["end"] > pm["start"]:
+            return slot.name
+    return None
+
+
+def consolidate(shards: list[Shard], key: str = "master") -> dict[str, torch.Tensor]:
+    """Full tensors by parameter name from every saved rank's state (``key``: ``master``, ``exp_avg``, ...)."""
+    shards = _check_shards(shards)
+    index = _index(shards)
+    out = {}
+    for name, pm in shards[0][1]["params"].items():
+        shape = tuple(pm["shape"])
+        numel = 1
+        for d in shape:
+            numel *= d
+        frag = next((shards[si][0][f"{name}/{key}"] for _, _, si in index.get(name, [])), None)
+        dtype = frag.dtype if frag is not None else torch.float32
+        full = torch.empty(numel, dtype=dtype)
+        _gather_range(shards, index, name, key, 0, numel, full)
+        out[name] = full.view(shape)
+    return out

@@ -1,0 +1,258 @@
+"""Bucketed gradient reduction driven by per-parameter post-accumulate-grad hooks.
+
+Every stage uses the same buckets (whole parameters, about ``reduce_bucket_size`` elements, last
+parameters first) and the same collective, so the reduced numbers do not depend on the stage. What
+differs is where gradients wait to be reduced:
+
+- stages 0 and 1 keep one fp32 flat accumulator per group (the size of the group). Each parameter's
+  gradient is added into it as soon as autograd produces it (upcast from bf16/fp16, so accumulation over
+  micro-steps is in fp32) and the model's ``.grad`` is dropped. Only the backward of the last micro-step
+  (the accumulation boundary) reduces, as DDP under ``no_sync``.
+- stage 2 keeps only this rank's fp32 partition of the gradients. Every micro-step reduces: a bucket's
+  gradients go into a temporary bucket buffer, which is reduced and then added into the partition. At
+  most two bucket buffers are alive at once, so gradient memory stays ``partition + 2 buckets``. This is
+  DeepSpeed's stage-2 behaviour too; its price is one reduction per micro-step.
+
+[Note: averaging as DDP does] DDP multiplies each gradient by 1/N before summing; for the world sizes
+that are powers of two that equals summing and then dividing, bit for bit. We sum, then multiply by
+``predivide / N``, having multiplied by ``1 / predivide`` before the sum when ``gradient_predivide_factor``
+is not 1 (DeepSpeed's rule). Stage 2 averages each micro-step's sum before accumulating, stages 0-1
+accumulate then average once: with gradient accumulation the two orders differ by rounding only.
+
+[Note: launch order] Collectives must be issued in the same order on every rank, so buckets launch in
+index order: a bucket that is ready waits for all earlier buckets to be ready (as DDP does).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from zero_shard.comm import GradCollective
+from zero_shard.flat_buffer import FlatLayout
+
+__all__ = ["GradReducer"]
+
+
+@dataclass
+class _Bucket:
+    group: int
+    start: int
+    end: int
+    slots: list[int]
+    pending: int = 0
+    launched: bool = False
+    buffer: torch.Tensor | None = None
+    works: list = field(default_factory=list)
+
+
+class GradReducer:
+    """Owns the fp32 gradient storage of a :class:`~zero_shard.ZeroShardedOptimizer` and reduces into it."""
+
+    def __init__(
+        self,
+        layouts: list[FlatLayout],
+        *,
+        stage: int,
+        rank: int,
+        world_size: int,
+        process_group: dist.ProcessGroup | None,
+        bucket_numel: int,
+        overlap_comm: bool,
+        collective: GradCollective,
+        predivide_factor: float,
+        ignore_unused_parameters: bool,
+        device: torch.device,
+    ) -> None:
+        self.layouts = layouts
+        self.stage = stage
+        self.rank = rank
+        self.world_size = world_size
+        self.group = process_group
+        self.overlap_comm = overlap_comm
+        self.collective = collective if world_size > 1 else "all_reduce"
+        self.pre = 1.0 / predivide_factor
+        self.post = predivide_factor / world_size
+        self.ignore_unused = ignore_unused_parameters
+        if stage == 2:
+            self.accum: list[torch.Tensor | None] = [None] * len(layouts)
+            self.part_grads = [torch.zeros(lay.partition_numel, dtype=torch.float32, device=device) for lay in layouts]
+        else:
+            self.accum = [torch.zeros(lay.padded_numel, dtype=torch.float32, device=device) for lay in layouts]
+            self.part_grads = []
+        self.buckets: list[_Bucket] = []
+        self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket index, slot index)
+        for g, lay in enumerate(layouts):
+            for start, end, slots in lay.buckets(max(1, bucket_numel)):
+                for s in slots:
+                    self._where[id(lay.params[s])] = (len(self.buckets), s)
+                self.buckets.append(_Bucket(g, start, end, slots))
+        self._next = 0
+        self._in_flight: deque[_Bucket] = deque()
+        self._reducing = False
+        self._callback_queued = False
+        self._dirty = False
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._make_hook(p)) for lay in layouts for p in lay.params
+        ]
+
+    # ---- per-backward bookkeeping ------------------------------------------------------------------
+
+    def begin_backward(self, boundary: bool) -> None:
+        """Called before each backward: will this one reduce (stage 2: always; else at the boundary)?"""
+        self._reducing = self.stage == 2 or boundary
+        self._callback_queued = False
+        self._next = 0
+        for b in self.buckets:
+            b.pending = len(b.slots)
+            b.launched = False
+            b.buffer = None
+            b.works = []
+
+    def grads_for_step(self, group: int) -> torch.Tensor:
+        """The averaged fp32 gradients this rank steps on: stage 0 the whole group, stages 1-2 its partition."""
+        if self.stage == 2:
+            return self.part_grads[group]
+        acc = self.accum[group]
+        assert acc is not None
+        if self.stage == 0:
+            return acc
+        lo, hi = self.layouts[group].partition(self.rank)
+        return acc[lo:hi]
+
+    def zero_grad(self) -> None:
+        """Clear the accumulated gradients (after a step, or when the engine asks)."""
+        if not self._dirty:
+            return
+        for t in (*self.part_grads, *(a for a in self.accum if a is not None)):
+            t.zero_()
+        self._dirty = False
+
+    def remove_hooks(self) -> None:
+        """Detach from the model's parameters."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # ---- hooks ---------------------------------------------------------------------------------------
+
+    def _make_hook(self, p: nn.Parameter) -> Callable[[nn.Parameter], None]:
+        bucket_index, slot_index = self._where[id(p)]
+
+        def hook(param: nn.Parameter) -> None:
+            self._on_grad(param, bucket_index, slot_index)
+
+        return hook
+
+    def _on_grad(self, p: nn.Parameter, bucket_index: int, slot_index: int) -> None:
+        grad = p.grad
+        if grad is None:
+            return
+        b = self.buckets[bucket_index]
+        slot = self.layouts[b.group].slots[slot_index]
+        self._dirty = True
+        if not self._reducing:
+            # Stages 0/1 between boundaries: accumulate locally in fp32, reduce later.
+            acc = self.accum[b.group]
+            assert acc is not None
+            acc[slot.offset : slot.end].add_(grad.reshape(-1))
+            p.grad = None
+            return
+        if not self._callback_queued:
+            # Runs once autograd has finished this backward: flush buckets, wait for the collectives.
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
+            self._callback_queued = True
+        buf = self._bucket_buffer(b)
+        with torch.no_grad():
+            buf[slot.offset - b.start : slot.end - b.start].add_(grad.reshape(-1))
+        p.grad = None
+        b.pending -= 1
+        if b.pending == 0 and self.overlap_comm:
+            self._launch_ready()
+
+    def _bucket_buffer(self, b: _Bucket) -> torch.Tensor:
+        if b.buffer is None:
+            acc = self.accum[b.group]
+            if acc is not None:
+                b.buffer = acc[b.start : b.end]
+            else:
+                # Stage 2: a transient fp32 buffer for this bucket only.
+                part = self.part_grads[b.group]
+                b.buffer = torch.zeros(b.end - b.start, dtype=torch.float32, device=part.device)
+        return b.buffer
+
+    # ---- launching and finishing ----------------------------------------------------------------------
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets) and self.buckets[self._next].pending == 0:
+            self._launch(self.buckets[self._next])
+            self._next += 1
+
+    def _launch(self, b: _Bucket) -> None:
+        if self.stage == 2:
+            # Bound the transient bucket memory: at most two buckets in flight.
+            while len(self._in_flight) >= 2:
+                self._complete(self._in_flight.popleft())
+        buf = self._bucket_buffer(b)
+        if self.pre != 1.0:
+            buf.mul_(self.pre)
+        async_op = self.overlap_comm
+        if self.world_size == 1:
+            works = []
+        elif self.collective == "all_reduce":
+            works = [dist.all_reduce(buf, group=self.group, async_op=async_op)]
+        else:
+            works = []
+            P = self.layouts[b.group].partition_numel
+            for r in range(b.start // P, -(-b.end // P)):
+                a, z = max(b.start, r * P), min(b.end, (r + 1) * P)
+                dst = r if self.group is None else dist.get_global_rank(self.group, r)
+                works.append(dist.reduce(buf[a - b.start : z - b.start], dst=dst, group=self.group, async_op=async_op))
+        b.works = [w for w in works if w is not None]
+        b.launched = True
+        self._in_flight.append(b)
+
+    def _complete(self, b: _Bucket) -> None:
+        for w in b.works:
+            w.wait()
+        b.works = []
+        buf = b.buffer
+        assert buf is not None
+        if self.stage == 0:
+            buf.mul_(self.post)
+        else:
+            # Only this rank's slice of the bucket matters from here on.
+            lo, hi = self.layouts[b.group].partition(self.rank)
+            a, z = max(lo, b.start), min(hi, b.end)
+            if a < z:
+                mine = buf[a - b.start : z - b.start]
+                mine.mul_(self.post)
+                if self.stage == 2:
+                    self.part_grads[b.group][a - lo : z - lo].add_(mine)
+        b.buffer = None
+
+    def _finish_backward(self) -> None:
+        unused = [b for b in self.buckets if b.pending > 0]
+        if unused and not self.ignore_unused:
+            names = [
+                self.layouts[b.group].slots[s].name
+                for b in unused
+                for s in b.slots
+                if self.layouts[b.group].params[s].requires_grad
+            ]
+            raise RuntimeError(
+                f"parameters received no gradient in this backward: {names[:10]} "
+                f"(set zero_optimization.ignore_unused_parameters=true to treat them as zero)"
+            )
+        # Parameters without a gradient count as zero (their accumulator region stays as it is).
+        for b in self.buckets:
+            b.pending = 0
+        self._launch_ready()
+        while self._in_flight:
+            self._complete(self._in_flight.popleft())
+        self._reducing = False
