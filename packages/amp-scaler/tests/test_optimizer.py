@@ -146,3 +146,57 @@ def test_from_config() -> None:
         MixedPrecisionOptimizer.from_config(
             torch.optim.SGD([w], lr=1.0), parse_fp16({"enabled": True}), parse_bf16({"enabled": True})
         )
+
+
+def test_immediate_grad_update_accumulates_in_fp32() -> None:
+    # Four micro-batches of bf16 grads: accumulated in bf16 they lose bits; with
+    # immediate_grad_update the fp32 master grad is the exact fp32 sum of the bf16 micro-grads.
+    def micro_grads() -> list[torch.Tensor]:
+        g = torch.Generator().manual_seed(3)
+        return [torch.randn(64, generator=g).to(torch.bfloat16) * (1 + 300 * i) for i in range(4)]
+
+    exact = torch.stack([m.float() for m in micro_grads()]).sum(0)
+    results = {}
+    for immediate in (False, True):
+        w = torch.nn.Parameter(torch.zeros(64, dtype=torch.bfloat16))
+        opt = MixedPrecisionOptimizer(torch.optim.SGD([w], lr=1.0), immediate_grad_update=immediate, clip_grad=0.0)
+        for mg in micro_grads():
+            (w * mg).sum().backward()  # d/dw = mg, accumulated by autograd
+        if immediate:
+            assert w.grad is None  # moved into the fp32 master at once
+        assert opt.step()
+        results[immediate] = -opt.master_params[0].detach()
+        opt.remove_hooks()
+    assert torch.equal(results[True], exact)
+    assert not torch.equal(results[False], exact)
+
+
+def test_from_config_immediate_and_refusals() -> None:
+    w = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+    opt = MixedPrecisionOptimizer.from_config(
+        torch.optim.SGD([w], lr=1.0), bf16=parse_bf16({"enabled": True, "immediate_grad_update": True})
+    )
+    assert opt.immediate_grad_update and opt.loss_scale == 1.0
+    with pytest.raises(ValueError, match="fp16_master_weights_and_grads"):
+        MixedPrecisionOptimizer.from_config(
+            torch.optim.SGD([w], lr=1.0), parse_fp16({"enabled": True, "fp16_master_weights_and_grads": True})
+        )
+
+
+def test_cast_floating() -> None:
+    from collections import namedtuple
+
+    from amp_scaler import cast_floating
+
+    Pair = namedtuple("Pair", "x ids")
+    out = cast_floating(
+        {
+            "a": [torch.ones(2), (torch.arange(3),)],
+            "p": Pair(torch.zeros(1), torch.ones(1, dtype=torch.long)),
+            "s": "text",
+        },
+        torch.float16,
+    )
+    assert out["a"][0].dtype == torch.float16 and out["a"][1][0].dtype == torch.long
+    assert isinstance(out["p"], Pair) and out["p"].x.dtype == torch.float16 and out["p"].ids.dtype == torch.long
+    assert out["s"] == "text"

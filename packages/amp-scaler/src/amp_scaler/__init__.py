@@ -8,9 +8,11 @@ Public API:
 * :func:`unscale_and_clip_`: fused unscale + global grad norm + overflow check + clip;
 * :class:`MixedPrecisionOptimizer`: fp16/bf16 model, fp32 master weights (no ZeRO);
 * :class:`GradScaler`: ``torch.amp.GradScaler``'s interface with DeepSpeed's rules;
+* :func:`cast_floating`: ``fp16.auto_cast`` for model inputs;
 * :func:`split_tensors` / :func:`merge_tensors`: pickle-free state (tensors + JSON).
 """
 
+from amp_scaler.cast import cast_floating
 from amp_scaler.checkpoint import merge_tensors, split_tensors
 from amp_scaler.config import BF16Config, FP16Config, PrecisionConfig, check_precision, parse_bf16, parse_fp16
 from amp_scaler.grad_scaler import GradScaler
@@ -38,6 +40,7 @@ __all__ = [
     "PrecisionConfig",
     "StaticLossScaler",
     "__version__",
+    "cast_floating",
     "check_precision",
     "create_loss_scaler",
     "global_grad_norm",

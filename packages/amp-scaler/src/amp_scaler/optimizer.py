@@ -51,6 +51,10 @@ class MixedPrecisionOptimizer:
             ``gradient_clipping``).
         process_group: group that agrees on overflow (None: the default group when
             torch.distributed is initialized).
+        immediate_grad_update: DeepSpeed's ``bf16.immediate_grad_update``: as soon as backward
+            produces a parameter's low-precision gradient, add it into the fp32 master gradient
+            and free it (a post-accumulate-grad hook), so gradient accumulation over
+            micro-batches happens in fp32 instead of bf16/fp16.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class MixedPrecisionOptimizer:
         *,
         clip_grad: float = 0.0,
         process_group: ProcessGroup = None,
+        immediate_grad_update: bool = False,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"MixedPrecisionOptimizer: optimizer must be a torch.optim.Optimizer, got {optimizer!r}")
@@ -93,6 +98,11 @@ class MixedPrecisionOptimizer:
             has_fp16 = any(p.dtype == torch.float16 for p in self.model_params)
             loss_scaler = DynamicLossScaler(process_group=process_group) if has_fp16 else StaticLossScaler(1.0)
         self.loss_scaler = loss_scaler
+        self.immediate_grad_update = bool(immediate_grad_update)
+        self._hooks = []
+        if self.immediate_grad_update:
+            for p, m in self._low:
+                self._hooks.append(p.register_post_accumulate_grad_hook(_make_hook(m)))
         self.global_grad_norm: float | None = None
         """The global gradient norm of the last :meth:`step` (unscaled, before clipping)."""
         self.overflow = False
@@ -112,8 +122,20 @@ class MixedPrecisionOptimizer:
         from amp_scaler.config import check_precision
 
         check_precision(fp16, bf16)
+        if fp16 is not None and fp16.enabled is True and fp16.fp16_master_weights_and_grads:
+            raise ValueError(
+                "fp16.fp16_master_weights_and_grads needs ZeRO with CPU Adam (as in DeepSpeed); "
+                "MixedPrecisionOptimizer (no ZeRO) always keeps fp32 master weights"
+            )
         scaler = create_loss_scaler(fp16, process_group=process_group)
-        return cls(optimizer, scaler, clip_grad=gradient_clipping, process_group=process_group)
+        immediate = bf16 is not None and bf16.enabled is True and bf16.immediate_grad_update
+        return cls(
+            optimizer,
+            scaler,
+            clip_grad=gradient_clipping,
+            process_group=process_group,
+            immediate_grad_update=immediate,
+        )
 
     # -- the training step ---------------------------------------------------------------
 
@@ -180,6 +202,13 @@ class MixedPrecisionOptimizer:
         return True
 
     def _masters_grads_from_model(self) -> None:
+        if self.immediate_grad_update:
+            # The hooks already moved every gradient into the masters; pick up any left over
+            # (a gradient assigned by hand rather than produced by backward).
+            for p, m in self._low:
+                if p.grad is not None:
+                    _accumulate(m, p)
+            return
         for p, m in self._low:
             if p.grad is None:
                 m.grad = None
@@ -192,6 +221,12 @@ class MixedPrecisionOptimizer:
     def _model_from_masters(self) -> None:
         if self._low:
             torch._foreach_copy_([p for p, _ in self._low], [m for _, m in self._low])
+
+    def remove_hooks(self) -> None:
+        """Detach the ``immediate_grad_update`` hooks from the model's parameters."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -238,3 +273,19 @@ class MixedPrecisionOptimizer:
 
     def __repr__(self) -> str:
         return f"MixedPrecisionOptimizer({self.optimizer.__class__.__name__}, {self.loss_scaler!r}, clip_grad={self.clip_grad})"
+
+
+def _accumulate(master: torch.Tensor, param: torch.Tensor) -> None:
+    """Add ``param.grad`` into ``master.grad`` in fp32 and free the low-precision gradient."""
+    if master.grad is None:
+        master.grad = param.grad.float()
+    else:
+        master.grad.add_(param.grad)
+    param.grad = None
+
+
+def _make_hook(master: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    def hook(param: torch.Tensor) -> None:
+        _accumulate(master, param)
+
+    return hook
