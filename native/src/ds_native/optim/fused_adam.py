@@ -38,8 +38,6 @@ class FusedAdam(AdamBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        from ds_native import cuda_ops  # loads the CUDA extension, with a clear error if it was not built
-
         for group_index, group in enumerate(self.param_groups):
             hyper = self.group_hyper(group)
             # One call per (device, param dtype, grad dtype, step): each call shares its coefficients.
@@ -57,6 +55,8 @@ class FusedAdam(AdamBase):
                 batch = batches.setdefault(key, [[], [], [], []])
                 for lst, t in zip(batch, (p, p.grad, state["exp_avg"], state["exp_avg_sq"]), strict=True):
                     lst.append(t.detach())
+            if batches:
+                from ds_native import cuda_ops  # loads the CUDA extension; a clear error if it was not built
             for (device, _, _, step), (ps, gs, ms, vs) in batches.items():
                 cuda_ops.fused_adam(ps, gs, ms, vs, step=step, device=device, **hyper)
         return loss
