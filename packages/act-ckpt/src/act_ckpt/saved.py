@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 __all__ = ["RegionInputHooks", "SavedActivationMeter", "SavedBytes"]
 
@@ -41,10 +40,14 @@ class _Held:
 
 
 class _Plain(_Held):
-    """A tensor autograd saved, held as is."""
+    """A tensor autograd saved, held detached (holding an op's output with its grad_fn would make a
+    reference cycle through the graph, keeping it alive after the backward until the next GC)."""
 
     def __init__(self, t: torch.Tensor) -> None:
-        self.t = t
+        base = t._base if t._base is not None else t
+        # Parameters and leaf inputs live anyway: the meter does not count them as activations.
+        self.lives_anyway = base.is_leaf and base.requires_grad
+        self.t = t.detach()
 
     def tensors(self) -> Iterator[torch.Tensor]:
         yield self.t
@@ -113,6 +116,10 @@ def report_sac_storage(storage: dict[Any, dict[int, Any]]) -> None:
         _report(_SacStorage(storage))
 
 
+# torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _pin_memory_default() -> bool:
     return torch.cuda.is_available()
 
@@ -149,7 +156,8 @@ class RegionInputHooks(torch.autograd.graph.saved_tensors_hooks):
         return host
 
     def _pack(self, t: torch.Tensor) -> Any:
-        if not t.is_floating_point() or isinstance(t, nn.Parameter):
+        if not t.is_floating_point() or (t.is_leaf and t.requires_grad):
+            # Integer inputs (token ids) are small; parameters and leaf inputs live anyway.
             held: _Held = _Plain(t)
         elif self.world > 1 and t.numel() >= self.world:
             flat = t.detach().reshape(-1)
@@ -177,7 +185,7 @@ class RegionInputHooks(torch.autograd.graph.saved_tensors_hooks):
             return held.host.to(held.device, non_blocking=True)
         shard = held.shard.to(held.device, non_blocking=True)
         full = torch.empty(shard.numel() * held.world, dtype=shard.dtype, device=held.device)
-        dist.all_gather_into_tensor(full, shard, group=held.group)
+        _all_gather_single(full, shard, group=held.group)
         n = 1
         for s in held.shape:
             n *= s
@@ -251,10 +259,9 @@ class SavedActivationMeter(torch.autograd.graph.saved_tensors_hooks):
         seen: set[tuple[str, int]] = set(self._ignore)
         out = {"resident": 0, "offloaded": 0}
         for held in [*list(self._held), *self._strong]:
+            if getattr(held, "lives_anyway", False):
+                continue
             for t in held.tensors():
-                base = t._base if t._base is not None else t
-                if base.is_leaf and base.requires_grad:
-                    continue  # a parameter or a leaf input: lives anyway
                 key = self._key(t)
                 if key in seen:
                     continue
