@@ -82,6 +82,8 @@ def test_none_grads_mixed_dtypes_and_empty() -> None:
     assert not found_inf
     assert norm == pytest.approx(math.sqrt(10 * 9 + 4 * 4), rel=1e-6)
     assert torch.all(a == 3.0) and torch.all(b == 2.0)
+    c = torch.full((4,), 2.0 * SCALE, dtype=torch.float64)
+    assert unscale_and_clip_([c], 1.0 / SCALE) == (4.0, False) and torch.all(c == 2.0)
     assert unscale_and_clip_([], 1.0) == (0.0, False)
     assert unscale_and_clip_([None], 1.0, max_norm=1.0) == (0.0, False)
 

@@ -48,11 +48,13 @@ def _local_norm(groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor
     """Norm of this rank's tensors as an fp32 0-d tensor (on the first group's device, or CPU)."""
     per_tensor: list[torch.Tensor] = []
     device = torch.device("cpu")
-    for i, ((dev, _dtype), ts) in enumerate(groups.items()):
+    for i, ((dev, dtype), ts) in enumerate(groups.items()):
         if i == 0:
             device = dev
-        norms = torch._foreach_norm(ts, norm_type, dtype=torch.float32)
-        per_tensor.extend(n.to(device, non_blocking=True) for n in norms)
+        # fp16/bf16 accumulate in fp32 (a scaled fp16 norm easily exceeds 65504); fp64 stays fp64.
+        acc = torch.float32 if dtype in (torch.float16, torch.bfloat16) else None
+        norms = torch._foreach_norm(ts, norm_type, dtype=acc)
+        per_tensor.extend(n.to(device=device, dtype=torch.float32) for n in norms)
     if not per_tensor:
         return torch.zeros((), dtype=torch.float32, device=device)
     # The same combination clip_grad_norm_ uses: the norm of the per-tensor norms.
