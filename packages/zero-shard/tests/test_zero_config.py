@@ -73,7 +73,8 @@ def test_deprecated_keys_map_and_warn() -> None:
         c = ZeroConfig.model_validate({"stage": 2, "cpu_offload": True})
     assert c.offload_optimizer is not None and c.offload_optimizer.device == "cpu"
     assert any("cpu_offload" in str(x.message) for x in w)
-    c = ZeroConfig.model_validate({"stage3_gather_fp16_weights_on_model_save": True})
+    with pytest.warns(DeprecationWarning, match="gather_16bit_weights_on_model_save"):
+        c = ZeroConfig.model_validate({"stage3_gather_fp16_weights_on_model_save": True})
     assert c.gather_16bit_weights_on_model_save
 
 

@@ -129,3 +129,15 @@ def test_resume_world2_stage2_at_world1_stage0(world2: list[dict[Any, Any]]) -> 
     np.testing.assert_allclose(losses, straight_losses[3:], rtol=1e-5)
     for k, v in straight_params.items():
         assert _rel(params[k], v) <= 1e-5, k
+
+
+@pytest.mark.parametrize("variant", ["reduce+all_gather", "all_reduce+broadcast", "no_overlap", "one_bucket"])
+def test_collective_choices_give_the_same_numbers(world2: list[dict[Any, Any]], variant: str) -> None:
+    # Reduce vs all-reduce, all-gather vs broadcast vs all-reduce, overlap or not: same sums, same results.
+    # (One bucket instead of several changes nothing either: each element is summed over the same ranks.)
+    res = world2[0]
+    for stage in (1, 2):
+        got, ref = res[("variant", variant, stage)], res[(stage, "fp32", 1)]
+        assert got["losses"] == ref["losses"]
+        for k, v in ref["params"].items():
+            np.testing.assert_array_equal(got["params"][k], v)

@@ -197,4 +197,18 @@ def run_world(rank: int, world_size: int, cases: list[tuple[int, str, int]], ste
         gathered = [None] * world_size
         dist.all_gather_object(gathered, shard)
         out["same_size_resume"] = run_resume(rank, world_size, 2, gathered, 3, 3)
+        # Every collective choice and overlap_comm=false must give the same numbers as the defaults.
+        from zero_shard import CollectiveChoice
+
+        variants = {
+            "reduce+all_gather": dict(collectives=CollectiveChoice("reduce", "all_gather")),
+            "all_reduce+broadcast": dict(collectives=CollectiveChoice("all_reduce", "broadcast")),
+            "no_overlap": dict(overlap=False),
+            "one_bucket": dict(bucket=10**6),
+        }
+        for name, kw in variants.items():
+            for stage in (1, 2):
+                model, opt = make_zero(stage, **kw)
+                losses = train_zero(model, opt, rank, world_size, range(steps), 1, "fp32")
+                out[("variant", name, stage)] = {"losses": losses, "params": full_params(model)}
     return out
