@@ -51,20 +51,18 @@ def _compute_dtype(cfg: ZeroAllConfig) -> torch.dtype:
     return torch.float32
 
 
-def _check_supported(cfg: ZeroAllConfig) -> None:
-    zero = cfg.zero_optimization
-    for section in ("offload_optimizer", "offload_param"):
-        sub = getattr(zero, section, None)
-        device = getattr(sub, "device", None) if sub is not None else None
-        if device is not None and str(getattr(device, "value", device)) not in ("none", "None"):
-            raise NotImplementedError(
-                f"ds_config.zero_optimization.{section}.device={str(getattr(device, 'value', device))!r}: offload is "
-                'not wired into zero-all\'s engine yet (it lands with offload-io); set it to "none" or remove the section'
-            )
-    if int(zero.stage) == 3:
-        raise NotImplementedError(
-            "ds_config.zero_optimization.stage=3 is not wired into zero-all's engine yet; use 0, 1 or 2"
-        )
+def _cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Floating buffers to the compute dtype (as DeepSpeed's module.bfloat16()/half() does).
+
+    Parameters are left alone: zero-shard takes the fp32 master from their full-precision values
+    and casts them itself.
+    """
+    if dtype == torch.float32:
+        return
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point():
+                module._buffers[name] = buf.to(dtype)
 
 
 def _named_groups(model: torch.nn.Module, params: Iterable[Any] | None) -> list[dict[str, Any]]:
@@ -161,6 +159,7 @@ def initialize(
     loader_batch = training_data.batch_size if isinstance(training_data, DataLoader) else None
     ctx = AutoContext(model, optimizer, loader_batch, client_lr_scheduler=lr_scheduler is not None)
     micro_was_auto = cfg.train_micro_batch_size_per_gpu == "auto"
+    opt_auto = any(v == "auto" for v in ((cfg.raw.get("optimizer") or {}).get("params") or {}).values())
     cfg = ZeroAllConfig.from_dict(resolve_auto(cfg.raw, ctx), warn=False)
     try:
         batch = resolve_batch_sizes(
@@ -173,19 +172,17 @@ def initialize(
                 "is used) or give two of the three batch keys"
             ) from None
         raise
-    _check_supported(cfg)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
 
     device = get_device()
     dtype = _compute_dtype(cfg)
-    model.to(device=device, dtype=dtype)
+    model.to(device=device)
 
     if cfg.optimizer is not None:
-        if optimizer is not None:
+        if optimizer is not None and not opt_auto:
             warnings.warn(
-                "both ds_config.optimizer and optimizer= were given: the config's optimizer is used "
-                "(its 'auto' values were taken from yours)",
+                "both ds_config.optimizer and optimizer= were given: the config's optimizer is used",
                 UserWarning,
                 stacklevel=2,
             )
@@ -214,6 +211,7 @@ def initialize(
         gradient_predivide_factor=float(cfg.gradient_predivide_factor),
     )
 
+    _cast_buffers(model, dtype)
     scheduler = _build_lr_scheduler(lr_scheduler, optimizer, zero_opt, cfg)
     dataloader = _build_dataloader(
         training_data, batch.train_micro_batch_size_per_gpu, collate_fn, cfg.dataloader_drop_last

@@ -172,19 +172,12 @@ def load_engine_checkpoint(
 
 
 def _load_master_weights_only(engine: Engine, shards: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> None:
-    """Weights from the fp32 master copy; optimizer state starts fresh (``load_optimizer_states=False``)."""
-    from zero_shard import consolidate
-
-    full = consolidate(shards)
-    params = dict(engine.module.named_parameters())
-    with torch.no_grad():
-        for name, value in full.items():
-            if name in params:
-                params[name].copy_(value.to(params[name].dtype))
-    reload = getattr(engine.optimizer, "reload_master_from_params", None)
-    if reload is None:
-        raise CheckpointError(
-            "load_optimizer_states=False needs ZeroShardedOptimizer.reload_master_from_params(), "
-            "which this zero-shard does not provide"
-        )
-    reload()
+    """Weights from the fp32 master copy; optimizer state and hyperparameters start fresh."""
+    trimmed = []
+    for tensors, meta in shards:
+        meta = dict(meta)
+        meta["groups"] = [{"hyper": {}, "scalars": {}, "state_keys": []} for _ in meta["groups"]]
+        if hasattr(engine.optimizer, "loss_scaler"):
+            meta["loss_scaler"] = engine.optimizer.loss_scaler.state_dict()
+        trimmed.append(({k: v for k, v in tensors.items() if k.endswith("/master")}, meta))
+    engine.optimizer.load_sharded_state(trimmed)
