@@ -63,7 +63,7 @@ class EngineMonitor:
             if grad_norm is not None:
                 events.append((tags.GRAD_NORM, grad_norm, samples))
             if self.throughput.counted_steps > 0:
-                events.append((tags.SAMPLES_PER_SEC, self.throughput.avg_samples_per_sec, samples))
+                events.append((tags.SAMPLES_PER_SEC, self.throughput.avg_samples_per_sec(), samples))
             self.master.write_events(events)
         if self.steps_per_print and step % self.steps_per_print == 0:
             if self.rank == 0:
@@ -73,7 +73,7 @@ class EngineMonitor:
                 if grad_norm is not None:
                     parts.append(f"grad_norm={grad_norm:.4f}")
                 if self.throughput.counted_steps > 0:
-                    parts.append(f"samples/s={self.throughput.avg_samples_per_sec:.1f}")
+                    parts.append(f"samples/s={self.throughput.avg_samples_per_sec():.1f}")
                 print("[zero-all] " + ", ".join(parts), flush=True)
             if self.wall_clock_breakdown:
                 self.timers.log(["forward", "backward", "step"], ranks=(0,))
