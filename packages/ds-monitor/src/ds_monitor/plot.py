@@ -42,7 +42,13 @@ class Panel:
 PANELS: tuple[Panel, ...] = (
     Panel("loss", "Loss", "loss", lambda n: "loss" in n and "loss_scale" not in n),
     Panel("lr", "Learning rate", "learning rate", _ends("lr", "learning_rate")),
-    Panel("throughput", "Throughput", "samples/s", _ends("samples_per_sec", "samplespersec", "throughput")),
+    # The running average only: a per-step figure (curr_samples_per_sec) is too noisy to overlay.
+    Panel(
+        "throughput",
+        "Throughput",
+        "samples/s",
+        lambda n: _ends("samples_per_sec", "samplespersec", "throughput")(n) and "curr_" not in n,
+    ),
     Panel("loss_scale", "Loss scale", "loss scale", lambda n: "loss_scale" in n, log_y=True, drawstyle="steps-post"),
     Panel("grad_norm", "Gradient norm", "grad norm", _ends("grad_norm", "gradient_norm")),
     Panel("tokens", "Token throughput", "tokens/s", _ends("tokens_per_sec")),
