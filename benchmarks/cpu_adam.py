@@ -1,0 +1,224 @@
+"""CPU Adam throughput against the memory-bandwidth floor and against its peers, in one run.
+
+An fp32 Adam step reads p, g, m, v and writes p, m, v: 28 bytes per parameter, so
+params/s can never exceed bandwidth / 28. The achievable bandwidth is measured here with a
+C kernel of exactly that access shape (four streams, three written back, same threads).
+
+Variants:
+  fp32     fp32 params, grads, moments                                     28 B/param
+  offload  bf16 grads in, fp32 master + moments updated, bf16 params out  30 B/param
+           (torch composes it from three passes: upcast grads, fused step, downcast params)
+
+Implementations: ds_native CPUAdam, torch Adam(fused=True), torch Adam(foreach=True), and
+DeepSpeedCPUAdam / DeepSpeed FusedAdam when ``deepspeed`` is importable.
+
+    python benchmarks/cpu_adam.py [--quick] [--json PATH] [--sizes 10e6 50e6] [--threads 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import torch
+
+import ds_native
+from ds_native import _ds_native_cpu
+from ds_native.optim import CPUAdam
+
+BYTES = {"fp32": 28, "offload": 30}
+HYPER = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
+
+
+def _interleaved_medians(fns: dict[str, Callable[[], object]], steps: int) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin so that noise from other
+    processes on the machine falls on every implementation (and the bandwidth probe) alike."""
+    for fn in fns.values():
+        fn()  # warm-up: creates optimizer state, faults pages in
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# The probe's working set: far beyond any cache, small enough to leave memory for the optimizers.
+PROBE_MAX_ELEMS = 50_000_000
+
+
+def _probe(n: int, threads: int) -> tuple[int, Callable[[], object]]:
+    """The Adam-shaped stream kernel (reads 4 fp32 streams, writes 3 back) on min(n, 50M) elements."""
+    m = min(n, PROBE_MAX_ELEMS)
+    a, b, c, d = (torch.rand(m) for _ in range(4))
+    return m, lambda: _ds_native_cpu.stream_adam_shape(a, b, c, d, threads)
+
+
+def _deepspeed() -> tuple[type | None, type | None]:
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+    except Exception:  # noqa: BLE001  (not installed, or its JIT extension does not build here)
+        return None, None
+    return DeepSpeedCPUAdam, FusedAdam
+
+
+def _cases(variant: str, n: int) -> dict[str, Callable[[], Callable[[], object]]]:
+    """Name -> factory returning one step of that implementation (state built lazily)."""
+    p = torch.nn.Parameter(torch.randn(n) * 0.1)
+    g32 = torch.randn(n) * 1e-3
+    p.grad = g32
+    if variant == "offload":
+        g_low = g32.to(torch.bfloat16)
+        out = torch.empty(n, dtype=torch.bfloat16)
+
+    def ours() -> Callable[[], object]:
+        opt = CPUAdam([p], **HYPER)
+        if variant == "fp32":
+            return opt.step
+        return lambda: opt.step(grads=[g_low], out=[out])
+
+    def torch_opt(**kw: bool) -> Callable[[], Callable[[], object]]:
+        def make() -> Callable[[], object]:
+            opt = torch.optim.Adam([p], **HYPER, decoupled_weight_decay=True, **kw)
+            if variant == "fp32":
+                return opt.step
+
+            def three_passes() -> None:
+                g32.copy_(g_low)  # upcast the grads
+                opt.step()  # fp32 step
+                out.copy_(p.detach())  # downcast the params
+
+            return three_passes
+
+        return make
+
+    cases = {"ds_native": ours, "torch fused": torch_opt(fused=True), "torch foreach": torch_opt(foreach=True)}
+    ds_cpu, ds_fused = _deepspeed()
+    for name, cls in (("DeepSpeedCPUAdam", ds_cpu), ("DeepSpeed FusedAdam", ds_fused)):
+        if cls is None:
+            continue
+
+        def make_ds(cls: type = cls) -> Callable[[], object]:
+            opt = cls([p], lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"], weight_decay=0.01)
+            if variant == "fp32":
+                return opt.step
+
+            def step() -> None:
+                g32.copy_(g_low)
+                opt.step()
+                out.copy_(p.detach())
+
+            return step
+
+        cases[name] = make_ds
+    return cases
+
+
+def run(sizes: list[int], thread_counts: list[int], steps: int) -> dict:
+    rows = []
+    bandwidth = {}
+    for n in sizes:
+        for threads in thread_counts:
+            torch.set_num_threads(threads)  # ds_native follows torch's thread count
+            for variant in ("fp32", "offload"):
+                fns = {}
+                for name, make in _cases(variant, n).items():
+                    try:
+                        fns[name] = make()
+                        fns[name]()  # a peer that cannot run here is reported, not fatal
+                    except Exception as exc:  # noqa: BLE001  (any failure of a peer is reported)
+                        print(f"  {name} {variant} skipped: {exc!r}")
+                        fns.pop(name, None)
+                probe_n, fns["probe"] = _probe(n, threads)
+                sec = _interleaved_medians(fns, steps)
+                bw = 28 * probe_n / sec.pop("probe")
+                bandwidth[f"{n}/{threads}/{variant}"] = bw
+                floor = bw / BYTES[variant]
+                for name, t in sec.items():
+                    rows.append(
+                        {
+                            "params": n,
+                            "threads": threads,
+                            "variant": variant,
+                            "impl": name,
+                            "params_per_s": n / t,
+                            "pct_of_floor": 100 * (n / t) / floor,
+                            "bandwidth_GBps": bw / 1e9,
+                        }
+                    )
+                del fns
+    return {"rows": rows, "bandwidth": bandwidth}
+
+
+def print_table(result: dict) -> None:
+    rows = result["rows"]
+    print(f"{'params':>6} {'thr':>3} {'variant':<8} {'impl':<20} {'Gparam/s':>9} {'% floor':>8} {'ours/impl':>9}")
+    for r in rows:
+        ours = next(
+            x["params_per_s"]
+            for x in rows
+            if (x["params"], x["threads"], x["variant"], x["impl"])
+            == (r["params"], r["threads"], r["variant"], "ds_native")
+        )
+        print(
+            f"{r['params'] / 1e6:>5.0f}M {r['threads']:>3} {r['variant']:<8} {r['impl']:<20} "
+            f"{r['params_per_s'] / 1e9:>9.3f} {r['pct_of_floor']:>7.1f}% {ours / r['params_per_s']:>8.2f}x"
+        )
+    for key, bw in result["bandwidth"].items():
+        n, threads, variant = key.split("/")
+        print(
+            f"Adam-shaped stream bandwidth during {int(n) / 1e6:.0f}M {variant}, {threads} threads: {bw / 1e9:.1f} GB/s"
+        )
+
+
+def print_summary(result: dict) -> None:
+    """The issue's goals per case: % of floor, ratio to the best torch and best DeepSpeed peer."""
+    keys = sorted({(r["params"], r["threads"], r["variant"]) for r in result["rows"]})
+    print("\nsummary (goal: fp32 >= 90% of floor and >= every peer; offload >= 85%, >= 1.3x torch, >= DeepSpeed)")
+    for n, threads, variant in keys:
+        rows = {
+            r["impl"]: r for r in result["rows"] if (r["params"], r["threads"], r["variant"]) == (n, threads, variant)
+        }
+        ours = rows["ds_native"]
+        best_torch = max(r["params_per_s"] for k, r in rows.items() if k.startswith("torch"))
+        ds = [r["params_per_s"] for k, r in rows.items() if k.startswith("DeepSpeed")]
+        ds_text = f", {ours['params_per_s'] / max(ds):.2f}x best DeepSpeed" if ds else ", DeepSpeed not importable"
+        print(
+            f"  {n / 1e6:>4.0f}M {threads} thr {variant:<8} {ours['pct_of_floor']:5.1f}% of floor, "
+            f"{ours['params_per_s'] / best_torch:.2f}x best torch{ds_text}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="10M and 50M params, 5 steps (under a minute)")
+    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    parser.add_argument("--sizes", type=float, nargs="+", help="parameter counts (default 10e6 50e6 200e6)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--steps", type=int, help="timed steps per case, median reported (default 10; quick 5)")
+    args = parser.parse_args()
+    sizes = [int(s) for s in (args.sizes or ([10e6, 50e6] if args.quick else [10e6, 50e6, 200e6]))]
+    steps = args.steps or (5 if args.quick else 10)
+    result = run(sizes, args.threads, steps)
+    result["meta"] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads max",
+        "torch": torch.__version__,
+        "ds_native": ds_native.build_info(),
+        "steps": steps,
+    }
+    print_table(result)
+    print_summary(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
