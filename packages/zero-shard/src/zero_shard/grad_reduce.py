@@ -4,14 +4,18 @@ Every stage uses the same buckets (whole parameters, about ``reduce_bucket_size`
 parameters first) and the same collective, so the reduced numbers do not depend on the stage. What
 differs is where gradients wait to be reduced:
 
-- stages 0 and 1 keep one fp32 flat accumulator per group (the size of the group). Each parameter's
-  gradient is added into it as soon as autograd produces it (upcast from bf16/fp16, so accumulation over
+- stage 0 keeps one fp32 flat accumulator per group (the size of the group). Each parameter's gradient
+  is added into it as soon as autograd produces it (upcast from bf16/fp16, so accumulation over
   micro-steps is in fp32) and the model's ``.grad`` is dropped. Only the backward of the last micro-step
   (the accumulation boundary) reduces, as DDP under ``no_sync``.
 - stage 2 keeps only this rank's fp32 partition of the gradients. Every micro-step reduces: a bucket's
   gradients go into a temporary bucket buffer, which is reduced and then added into the partition. At
   most two bucket buffers are alive at once, so gradient memory stays ``partition + 2 buckets``. This is
   DeepSpeed's stage-2 behaviour too; its price is one reduction per micro-step.
+- stage 1 reduces at the boundary only, as stage 0. Without gradient accumulation it needs no full
+  accumulator: the boundary backward goes through bucket buffers into the partition, as stage 2. The
+  full fp32 accumulator is allocated the first time a micro-step has to be kept for later (accumulation),
+  and from then on the boundary reduces from it, as stage 0.
 
 [Note: averaging as DDP does] DDP multiplies each gradient by 1/N before summing; for the world sizes
 that are powers of two that equals summing and then dividing, bit for bit. We sum, then multiply by
@@ -48,6 +52,7 @@ class _Bucket:
     pending: int = 0
     launched: bool = False
     buffer: torch.Tensor | None = None
+    temp: bool = False  # buffer is a transient bucket buffer (not a view of the accumulator)
     works: list = field(default_factory=list)
 
 
@@ -79,12 +84,18 @@ class GradReducer:
         self.pre = 1.0 / predivide_factor
         self.post = predivide_factor / world_size
         self.ignore_unused = ignore_unused_parameters
-        if stage == 2:
-            self.accum: list[torch.Tensor | None] = [None] * len(layouts)
-            self.part_grads = [torch.zeros(lay.partition_numel, dtype=torch.float32, device=device) for lay in layouts]
+        self.device = device
+        if stage == 0:
+            self.accum: list[torch.Tensor | None] = [
+                torch.zeros(lay.padded_numel, dtype=torch.float32, device=device) for lay in layouts
+            ]
+            self.part_grads: list[torch.Tensor] = []
         else:
-            self.accum = [torch.zeros(lay.padded_numel, dtype=torch.float32, device=device) for lay in layouts]
-            self.part_grads = []
+            # Stage 1 allocates the full accumulator lazily, on the first micro-step it must keep.
+            self.accum = [None] * len(layouts)
+            self.part_grads = [torch.zeros(lay.partition_numel, dtype=torch.float32, device=device) for lay in layouts]
+        self._accumulated = False  # a micro-step's gradients wait in the accumulator (stages 0-1)
+        self._via_accum = stage == 0  # this backward reduces from the accumulator
         self.buckets: list[_Bucket] = []
         self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket index, slot index)
         for g, lay in enumerate(layouts):
@@ -106,24 +117,27 @@ class GradReducer:
     def begin_backward(self, boundary: bool) -> None:
         """Called before each backward: will this one reduce (stage 2: always; else at the boundary)?"""
         self._reducing = self.stage == 2 or boundary
+        self._via_accum = self.stage == 0 or self._accumulated
         self._callback_queued = False
         self._next = 0
         for b in self.buckets:
             b.pending = len(b.slots)
             b.launched = False
             b.buffer = None
+            b.temp = False
             b.works = []
 
     def grads_for_step(self, group: int) -> torch.Tensor:
         """The averaged fp32 gradients this rank steps on: stage 0 the whole group, stages 1-2 its partition."""
-        if self.stage == 2:
-            return self.part_grads[group]
         acc = self.accum[group]
-        assert acc is not None
         if self.stage == 0:
+            assert acc is not None
             return acc
-        lo, hi = self.layouts[group].partition(self.rank)
-        return acc[lo:hi]
+        if self.stage == 1 and self._accumulated:
+            assert acc is not None
+            lo, hi = self.layouts[group].partition(self.rank)
+            return acc[lo:hi]
+        return self.part_grads[group]
 
     def zero_grad(self) -> None:
         """Clear the accumulated gradients (after a step, or when the engine asks)."""
@@ -132,6 +146,7 @@ class GradReducer:
         for t in (*self.part_grads, *(a for a in self.accum if a is not None)):
             t.zero_()
         self._dirty = False
+        self._accumulated = False
 
     def remove_hooks(self) -> None:
         """Detach from the model's parameters."""
@@ -159,8 +174,12 @@ class GradReducer:
         if not self._reducing:
             # Stages 0/1 between boundaries: accumulate locally in fp32, reduce later.
             acc = self.accum[b.group]
-            assert acc is not None
+            if acc is None:
+                acc = self.accum[b.group] = torch.zeros(
+                    self.layouts[b.group].padded_numel, dtype=torch.float32, device=self.device
+                )
             acc[slot.offset : slot.end].add_(grad.reshape(-1))
+            self._accumulated = True
             p.grad = None
             return
         if not self._callback_queued:
@@ -178,12 +197,12 @@ class GradReducer:
     def _bucket_buffer(self, b: _Bucket) -> torch.Tensor:
         if b.buffer is None:
             acc = self.accum[b.group]
-            if acc is not None:
+            if self._via_accum and acc is not None:
                 b.buffer = acc[b.start : b.end]
             else:
-                # Stage 2: a transient fp32 buffer for this bucket only.
-                part = self.part_grads[b.group]
-                b.buffer = torch.zeros(b.end - b.start, dtype=torch.float32, device=part.device)
+                # A transient fp32 buffer for this bucket only (stage 2, and stage 1 without accumulation).
+                b.buffer = torch.zeros(b.end - b.start, dtype=torch.float32, device=self.device)
+                b.temp = True
         return b.buffer
 
     # ---- launching and finishing ----------------------------------------------------------------------
@@ -194,7 +213,7 @@ class GradReducer:
             self._next += 1
 
     def _launch(self, b: _Bucket) -> None:
-        if self.stage == 2:
+        if not self._via_accum:
             # Bound the transient bucket memory: at most two buckets in flight.
             while len(self._in_flight) >= 2:
                 self._complete(self._in_flight.popleft())
@@ -232,7 +251,7 @@ class GradReducer:
             if a < z:
                 mine = buf[a - b.start : z - b.start]
                 mine.mul_(self.post)
-                if self.stage == 2:
+                if b.temp:
                     self.part_grads[b.group][a - lo : z - lo].add_(mine)
         b.buffer = None
 
