@@ -168,7 +168,17 @@ def resume_elsewhere(rank: int, world_size: int, stage: int, ckpt: str, bad_ckpt
             engine.load_checkpoint(bad_ckpt)
         except zero_all.CheckpointCorruptError as e:
             error = str(e)
-    return {"losses": losses, "client_state": client_state, "error": error, "lr": engine.get_lr()}
+    # Weights only: parameters from the fp32 master copy, optimizer state fresh.
+    engine.load_checkpoint(ckpt, tag="global_step10", load_optimizer_states=False)
+    weights_only = params_np(engine.module)
+    return {
+        "losses": losses,
+        "client_state": client_state,
+        "error": error,
+        "lr": engine.get_lr(),
+        "weights_only": weights_only,
+        "global_steps": engine.global_steps,
+    }
 
 
 def initialize_errors(rank: int, world_size: int) -> dict[str, str]:
@@ -216,7 +226,7 @@ def initialize_errors(rank: int, world_size: int) -> dict[str, str]:
     return out
 
 
-def client_optimizer_and_dataloader(rank: int, world_size: int) -> dict[str, Any]:
+def client_optimizer_and_dataloader(rank: int, world_size: int, logdir: str) -> dict[str, Any]:
     """A client torch optimizer + HF-style "auto" config + a Dataset: the engine builds the loader."""
     model = make_model()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -234,12 +244,23 @@ def client_optimizer_and_dataloader(rank: int, world_size: int) -> dict[str, Any
     model2 = copy.deepcopy(model)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=3e-3, weight_decay=0.0)
     engine2, _, dl2, _ = zero_all.initialize(
-        model=model2, optimizer=opt2, training_data=data, config={"train_micro_batch_size_per_gpu": 4}
+        model=model2,
+        optimizer=opt2,
+        training_data=data,
+        config={
+            "train_micro_batch_size_per_gpu": 4,
+            "steps_per_print": 1,
+            "wall_clock_breakdown": True,
+            "csv_monitor": {"enabled": True, "output_path": logdir, "job_name": "job"},
+        },
     )
-    x, y = next(iter(dl2))
-    loss = engine2(x, y)
-    engine2.backward(loss)
-    engine2.step()
+    for i, (x, y) in enumerate(dl2):
+        loss = engine2(x, y)
+        engine2.backward(loss)
+        engine2.step()
+        if i == 2:
+            break
+    engine2.destroy()
     return {
         "tbs": engine.train_batch_size(),
         "lr": engine.get_lr(),

@@ -82,6 +82,8 @@ def test_resume_at_other_world_size_and_stage(saved: dict, tmp_path: Path, world
     assert results[0]["client_state"] == {"step": 10, "note": "ten"}
     if bad is not None:
         assert results[0]["error"] is not None and "rank00001.safetensors" in results[0]["error"]
+    for name, value in saved["results"][0]["at_save"].items():
+        np.testing.assert_array_equal(results[0]["weights_only"][name], value)
 
 
 def test_consolidate_matches_the_saved_weights(saved: dict, tmp_path: Path) -> None:
@@ -115,13 +117,20 @@ def test_initialize_error_paths() -> None:
     assert "needs config=" in errors["no_config"]
 
 
-def test_client_optimizer_auto_config_and_dataloader() -> None:
-    r = run_distributed(client_optimizer_and_dataloader, 2, timeout=120)[0]
+def test_client_optimizer_auto_config_and_dataloader(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    r = run_distributed(client_optimizer_and_dataloader, 2, str(tmp_path), timeout=120)[0]
     assert r["tbs"] == 8  # micro 4 from the DataLoader x 1 x 2 ranks
     assert r["lr"] == [pytest.approx(3e-3)]
     assert r["loader_is_given"] is True
     assert r["dl2_batch"] == 4 and r["dl2_len"] == 64 // 2 // 4  # DistributedSampler: half the data per rank
     assert r["client_opt_lr"] == [pytest.approx(3e-3)]
+    # steps_per_print=1 and csv_monitor: a line per step, and DeepSpeed-named CSV files with the loss.
+    printed = capfd.readouterr().out
+    assert "[zero-all] step=1, skipped=0, lr=0.003, loss=" in printed and "step=3," in printed
+    assert "time (ms) | forward:" in printed  # wall_clock_breakdown
+    loss_csv = tmp_path / "job" / "Train_Samples_train_loss.csv"
+    assert loss_csv.is_file() and len(loss_csv.read_text().strip().splitlines()) >= 3
+    assert (tmp_path / "job" / "Train_Samples_lr.csv").is_file()
 
 
 def test_global_micro_divides_world_sizes() -> None:
