@@ -51,6 +51,10 @@ def test_auto_enabled() -> None:
     assert parse_bf16({"enabled": "auto"}).enabled == "auto"
     with pytest.raises(ValueError, match=r"fp16\.enabled"):
         parse_fp16({"enabled": "yes please"})
+    with pytest.raises(ValueError, match=r"bf16\.enabled"):
+        parse_bf16({"enabled": 2})
+    # What DeepSpeed's pydantic bool accepts is accepted here too.
+    assert parse_fp16({"enabled": "true"}).enabled is True and parse_bf16({"enabled": 0}).enabled is False
 
 
 @pytest.mark.parametrize(

@@ -139,10 +139,18 @@ class BF16Config(_Section):
         return v
 
 
+_TRUE = {"true", "yes", "on", "1", "t", "y"}
+_FALSE = {"false", "no", "off", "0", "f", "n"}
+
+
 def _check_enabled(section: str, v: Any) -> Any:
-    """``enabled`` is a bool or the string ``"auto"``; say so with the key path otherwise."""
+    """``enabled`` is a bool or ``"auto"``; also what DeepSpeed's pydantic bool takes (1/0, "true"/"false" ...)."""
     if isinstance(v, bool) or v == "auto":
         return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+        return v.strip().lower() in _TRUE
     raise ValueError(f'{section}.enabled must be true, false or "auto", got {v!r}')
 
 

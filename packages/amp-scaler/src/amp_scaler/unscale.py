@@ -137,7 +137,8 @@ def unscale_and_clip_(
     factor = inv_scale
     if max_norm > 0 and not found_inf:
         # Exactly torch's clip coefficient (fp32 tensor math), folded into the unscale factor.
-        coef = torch.clamp(max_norm / (total.float().cpu() + 1e-6), max=1.0)
+        # (total_norm came from an fp32 tensor, so this fp32 CPU tensor holds the same value.)
+        coef = torch.clamp(max_norm / (torch.tensor(total_norm, dtype=torch.float32) + 1e-6), max=1.0)
         factor = float((coef * inv_scale).item())
     if factor != 1.0:
         for ts in groups.values():
