@@ -57,3 +57,25 @@ def test_cuda_memory_stats() -> None:
     stats = memory_stats("cuda")
     assert stats["allocated_gb"] >= 0.25 and stats["max_allocated_gb"] >= stats["allocated_gb"]
     del x
+
+
+def test_flops_profile_per_module_and_report(tmp_path) -> None:
+    from ds_monitor import FlopsProfilerConfig, profile_training_step
+
+    batch = 4
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16, bias=False), torch.nn.ReLU(), torch.nn.Linear(16, 2, bias=False))
+    x = torch.randn(batch, 8)
+    out_file = tmp_path / "flops.txt"
+    profile = profile_training_step(
+        model, x, config=FlopsProfilerConfig(enabled=True, top_modules=1, output_file=str(out_file))
+    )
+    first = 2 * batch * 8 * 16 * 2  # forward + weight grad (the input needs no grad)
+    second = 2 * batch * 16 * 2 * 3  # forward + weight grad + input grad
+    assert profile.module_flops == {"Sequential": first + second, "Sequential.0": first, "Sequential.2": second}
+    assert profile.total_flops == first + second and profile.params == 8 * 16 + 16 * 2
+    assert profile.latency_s > 0 and profile.tflops > 0
+    text = out_file.read_text()
+    assert "depth 1: Sequential.0" in text and "Sequential.2:" in text  # top module at depth 1, then details
+    assert "depth 1: Sequential.0" in profile.report(module_depth=1, top_modules=1, detailed=False)
+    assert "Sequential.2:" not in profile.report(module_depth=0, detailed=True)
+    assert all(p.grad is None for p in model.parameters())

@@ -23,6 +23,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "tags": "ds_monitor.tags",
+    "FlopsProfile": "ds_monitor.flops",
+    "profile_training_step": "ds_monitor.flops",
     "count_params": "ds_monitor.flops",
     "dense_transformer_flops": "ds_monitor.flops",
     "measure_flops": "ds_monitor.flops",
@@ -45,7 +47,14 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from ds_monitor import tags
-    from ds_monitor.flops import count_params, dense_transformer_flops, measure_flops, training_step_flops
+    from ds_monitor.flops import (
+        FlopsProfile,
+        count_params,
+        dense_transformer_flops,
+        measure_flops,
+        profile_training_step,
+        training_step_flops,
+    )
     from ds_monitor.memory import format_memory_stats, memory_events, memory_stats
     from ds_monitor.monitors import (
         CometMonitor,
@@ -81,6 +90,7 @@ __all__ = [
     "CSVMonitorConfig",
     "CometConfig",
     "CometMonitor",
+    "FlopsProfile",
     "FlopsProfilerConfig",
     "Monitor",
     "MonitorConfig",
@@ -102,6 +112,7 @@ __all__ = [
     "measure_flops",
     "memory_events",
     "memory_stats",
+    "profile_training_step",
     "tags",
     "training_step_flops",
 ]
