@@ -62,6 +62,22 @@ def test_tensorboard_events_read_back(tmp_path: Path) -> None:
     assert [(e.step, e.value) for e in acc.Scalars("Train/Samples/grad_norm")] == [(24, 0.5)]
 
 
+def test_from_ds_config_and_config_text(tmp_path: Path) -> None:
+    ds_config = {"train_batch_size": 8, **_sections(tmp_path, job="from_config")}
+    ds_config["csv_monitor"]["enabled"] = False
+    with MonitorMaster.from_config(ds_config, rank=0) as monitor:
+        assert [type(m).__name__ for m in monitor.monitors] == ["TensorBoardMonitor"]
+        monitor.update_config({"train_batch_size": 8})
+        monitor.write_events([("loss", 1.0, 1)])
+    acc = EventAccumulator(str(tmp_path / "from_config"))
+    acc.Reload()
+    assert "DeepSpeed/config/text_summary" in acc.Tags()["tensors"]
+    text = acc.Tensors("DeepSpeed/config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"train_batch_size": 8' in text
+    with pytest.raises(ValueError, match=r"tensorboard\.job: Extra inputs are not permitted"):
+        MonitorMaster.from_config({"tensorboard": {"job": "x"}})
+
+
 def test_csv_layout_matches_deepspeed(tmp_path: Path) -> None:
     with MonitorMaster(csv_monitor=CSVMonitorConfig(enabled=True, output_path=str(tmp_path), job_name="job")) as m:
         m.write_events(EVENTS)
