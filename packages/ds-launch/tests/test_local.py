@@ -100,3 +100,32 @@ def test_sigterm_to_launcher_stops_every_worker(tmp_path: Path, launcher_env: di
     assert "SIGTERM received" in err
     for r in read_reports(tmp_path).values():
         assert not alive(r["pid"]) and not alive(r["child_pid"])
+
+
+def test_no_ssh_nodes_stop_each_other(tmp_path: Path, launcher_env: dict[str, str]) -> None:
+    # Two "nodes" started separately, as a scheduler would (--no_ssh --node_rank N), with no
+    # controller above them: node 1's failure must reach node 0 through the rendezvous store.
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    port = str(free_port())
+    procs = []
+    for node in (0, 1):
+        args = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_port", port]
+        args += ["--term_timeout", "2", str(WORKER), str(out), "--fail-rank", "1", "--fail-code", "5"]
+        procs.append(subprocess.Popen([*LAUNCHER, *args], env=launcher_env, stderr=subprocess.PIPE, text=True))
+    try:
+        errs = [p.communicate(timeout=90)[1] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    end = time.time()
+    assert procs[1].returncode == 5, errs[1]
+    assert procs[0].returncode == 143, errs[0]  # stopped because another node failed
+    assert "rank 1 (local rank 0) on host 127.0.0.1 exited with code 5" in errs[1]
+    assert "another node failed" in errs[0]
+    assert end - float((out / "fail_time").read_text()) < 2 + 8
+    for r in read_reports(out).values():
+        assert not alive(r["pid"])

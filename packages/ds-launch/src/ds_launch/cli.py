@@ -227,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ds-launch`` and ``python -m ds_launch``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.run_id = os.environ.get("DS_LAUNCH_RUN_ID") or uuid.uuid4().hex[:12]
+    # Every node's agent must use the same rendezvous id. With --no_ssh each node has its own
+    # launcher, so the id is derived from what they share (the port) unless one is given.
+    default_id = f"ds-launch-{args.master_port}" if args.no_ssh else uuid.uuid4().hex[:12]
+    args.run_id = os.environ.get("DS_LAUNCH_RUN_ID") or default_id
     if args.save_pid:
         with open(f"/tmp/{os.getpid()}.ds", "w") as fh:
             fh.write(str(os.getpid()))
