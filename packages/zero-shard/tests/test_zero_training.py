@@ -91,11 +91,12 @@ def test_state_bytes_are_one_nth(world2: list[dict[Any, Any]], world4: list[dict
         b = rank_res["bytes"]
         numel = b[0]["numel"]
         padded = -(-numel // world) * world
-        # Stage 0: everything; Adam keeps two fp32 states per element, the master one fp32 copy.
-        assert b[0]["optimizer_state"] == 8 * padded and b[0]["master"] == 4 * padded
+        # Stage 0: everything; Adam keeps two fp32 states per element. An fp32 model's master is no copy.
+        assert b[0]["optimizer_state"] == 8 * padded
+        for stage in (0, 1, 2):
+            assert b[stage]["master"] == 0 and b[stage]["params"] == 4 * padded
         for stage in (1, 2):
             assert b[stage]["optimizer_state"] == 8 * padded // world
-            assert b[stage]["master"] == 4 * padded // world
             assert b[stage]["optimizer_state"] <= 8 * numel / world + 8 * world  # ± padding
         # Gradients: stage 0 a full fp32 accumulator; stages 1 (without accumulation) and 2 only the partition.
         assert b[0]["gradients"] == 4 * padded

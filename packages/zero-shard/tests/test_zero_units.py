@@ -250,3 +250,12 @@ def test_default_optimizer_factory() -> None:
     else:
         assert isinstance(opt, CPUAdam)
     assert opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize(("dtype", "master_bytes", "param_bytes"), [("fp32", 0, 4), ("bf16", 4, 2), ("fp16", 4, 2)])
+def test_master_is_a_copy_only_for_16bit_models(dtype: str, master_bytes: int, param_bytes: int) -> None:
+    model, opt = zc.make_zero(1, dtype)
+    n = sum(p.numel() for p in model.parameters())
+    b = opt.state_bytes()
+    assert b["master"] == master_bytes * n and b["params"] == param_bytes * n
+    assert all(p.dtype == zc.DTYPES[dtype] for p in model.parameters())

@@ -5,7 +5,8 @@ Per parameter group (see :mod:`zero_shard.flat_buffer`):
 - the model's parameters become views into one flat buffer of the compute dtype (fp32, bf16 or fp16),
   padded to a multiple of the data-parallel world size N;
 - the fp32 master copy is the whole buffer at stage 0 and this rank's 1/N partition at stages 1-2; it is
-  the one parameter the inner optimizer sees for the group, so the optimizer state is 1/N too;
+  the one parameter the inner optimizer sees for the group, so the optimizer state is 1/N too. For an
+  fp32 model the master is not a copy but the flat buffer itself (its partition), saving 4 bytes/param;
 - gradients are reduced in fp32 (upcast as they are produced, which also makes accumulation over
   micro-steps fp32) by :class:`~zero_shard.grad_reduce.GradReducer`: stages 0-1 hold a full fp32
   accumulator, stage 2 only this rank's partition.
@@ -170,11 +171,13 @@ class ZeroShardedOptimizer:
         for lay in self.layouts:
             full = lay.flatten(torch.float32, device)
             lo, hi = lay.partition(self.rank)
-            low = compute_dtype in _LOW_PRECISION
-            if self.stage == 0:
-                master, flat = full, (full.to(compute_dtype) if low else full.clone())
+            if compute_dtype in _LOW_PRECISION:
+                flat = full.to(compute_dtype)
+                master = full if self.stage == 0 else full[lo:hi].clone()
             else:
-                master, flat = full[lo:hi].clone(), (full.to(compute_dtype) if low else full)
+                # fp32 model: the master IS the model's flat buffer (its partition at stages 1-2), no copy.
+                flat = full
+                master = full if self.stage == 0 else full[lo:hi]
             self.masters.append(nn.Parameter(master, requires_grad=False))
             self.flat_params.append(flat)
             lay.bind_params(flat)
@@ -274,7 +277,8 @@ class ZeroShardedOptimizer:
         return self.inner.state
 
     def state_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds per kind: ``master``, ``optimizer_state``, ``gradients``, ``params``."""
+        """Bytes this rank holds per kind: ``master`` (0 for an fp32 model: the master is the parameters'
+        own memory), ``optimizer_state``, ``gradients`` (fp32, reduced or accumulating) and ``params``."""
         state = sum(
             t.numel() * t.element_size()
             for s in self.inner.state.values()
@@ -284,8 +288,14 @@ class ZeroShardedOptimizer:
         grads = sum(
             t.numel() * t.element_size() for t in (*self.reducer.part_grads, *self.reducer.accum) if t is not None
         )
+        # An fp32 model's master shares the parameters' memory: count it only where it is a copy.
+        own = [
+            m
+            for m, f in zip(self.masters, self.flat_params, strict=True)
+            if m.untyped_storage().data_ptr() != f.untyped_storage().data_ptr()
+        ]
         return {
-            "master": sum(m.numel() * m.element_size() for m in self.masters),
+            "master": sum(m.numel() * m.element_size() for m in own),
             "optimizer_state": state,
             "gradients": grads,
             "params": sum(f.numel() * f.element_size() for f in self.flat_params),
@@ -311,11 +321,11 @@ class ZeroShardedOptimizer:
         """Copy the fp32 master into the compute-dtype flat buffers and share the partitions."""
         with torch.no_grad():
             for lay, master, flat in zip(self.layouts, self.masters, self.flat_params, strict=True):
+                lo, hi = (0, lay.padded_numel) if self.stage == 0 else lay.partition(self.rank)
+                if flat[lo:hi].data_ptr() != master.data_ptr():
+                    flat[lo:hi].copy_(master)
                 if self.stage == 0:
-                    flat.copy_(master)
                     continue
-                lo, hi = lay.partition(self.rank)
-                flat[lo:hi].copy_(master)
                 gather_partitions(
                     flat,
                     lay.partition_numel,
