@@ -38,7 +38,8 @@ def _context() -> mp.context.BaseContext:
     global _CTX
     if _CTX is None:
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed"])
+        # torch._dynamo: the first optimizer construction in a process imports it (seconds).
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "torch._dynamo"])
         _CTX = ctx
     return _CTX
 
