@@ -16,7 +16,7 @@ forward and backward), counted with saved-tensor hooks per storage, parameters e
 (act_ckpt.SavedActivationMeter). Time is the median step of the measured steps; the ratios
 against "none" come from the same run.
 
-    python benchmarks/act_ckpt.py [--quick] [--json PATH] [--steps N] [--no-partitioned]
+    python benchmarks/act_ckpt.py [--quick] [--json PATH] [--steps N] [--layers N] [--threads N] [--no-partitioned]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from torch.nn import functional as F  # noqa: E402
 import act_ckpt  # noqa: E402
 
 FULL = {"layers": 12, "d": 512, "heads": 8, "seq": 512, "batch": 4, "vocab": 8192, "steps": 4, "warmup": 1}
-QUICK = {"layers": 4, "d": 256, "heads": 4, "seq": 256, "batch": 2, "vocab": 2048, "steps": 2, "warmup": 1}
+QUICK = {"layers": 2, "d": 128, "heads": 4, "seq": 128, "batch": 2, "vocab": 1024, "steps": 2, "warmup": 1}
 
 
 class Attention(nn.Module):
@@ -117,22 +117,37 @@ def _model(size: dict, mode: dict | None, group=None) -> GPT:
     return model
 
 
-def _measure(model: GPT, size: dict) -> dict:
+def _step(model: GPT, ids: torch.Tensor) -> tuple[float, object]:
+    """One forward+backward; returns its time and the bytes held between forward and backward."""
+    model.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    with act_ckpt.SavedActivationMeter(model.parameters()) as meter:
+        loss = model(ids)
+    held = meter.live()
+    loss.backward()
+    dt = time.perf_counter() - t0
+    assert meter.live().total == 0, "saved tensors outlived the backward"
+    return dt, held
+
+
+def _measure(models: dict[str, GPT], size: dict) -> dict[str, dict]:
+    """Steps round-robin over the models, so load drift on a shared machine hits every mode alike."""
     ids = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), generator=torch.Generator().manual_seed(1))
-    times, saved = [], None
+    times: dict[str, list[float]] = {name: [] for name in models}
+    saved = {}
     for step in range(size["warmup"] + size["steps"]):
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        with act_ckpt.SavedActivationMeter(model.parameters()) as meter:
-            loss = model(ids)
-        held = meter.live()
-        loss.backward()
-        dt = time.perf_counter() - t0
-        if step >= size["warmup"]:
-            times.append(dt)
-        saved = held
-        assert meter.live().total == 0, "saved tensors outlived the backward"
-    return {"saved_bytes": saved.total, "offloaded_bytes": saved.offloaded, "step_s": statistics.median(times)}
+        for name, model in models.items():
+            dt, saved[name] = _step(model, ids)
+            if step >= size["warmup"]:
+                times[name].append(dt)
+    return {
+        name: {
+            "saved_bytes": saved[name].total,
+            "offloaded_bytes": saved[name].offloaded,
+            "step_s": statistics.median(times[name]),
+        }
+        for name in models
+    }
 
 
 def _partitioned_rank(rank: int, world: int, size: dict) -> dict:
@@ -140,11 +155,8 @@ def _partitioned_rank(rank: int, world: int, size: dict) -> dict:
 
     torch.set_num_threads(1)
     group = dist.new_group(list(range(world)))
-    out = {}
-    for name, mode in (("full-1thread", {}), ("partitioned", {})):
-        model = _model(size, mode, group if name == "partitioned" else None)
-        out[name] = _measure(model, size)
-    return out
+    models = {"full-1thread": _model(size, {}), "partitioned": _model(size, {}, group)}
+    return _measure(models, size)
 
 
 def _run_partitioned(size: dict) -> dict | None:
@@ -161,16 +173,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="reduced size, well under a minute")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--steps", type=int, help="measured steps per mode")
+    ap.add_argument("--layers", type=int, help="override the number of blocks")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-partitioned", action="store_true", help="skip the 2-process partitioned row")
     args = ap.parse_args()
     size = dict(QUICK if args.quick else FULL)
     if args.steps:
         size["steps"] = args.steps
+    if args.layers:
+        size["layers"] = args.layers
 
-    rows = {}
-    for name, mode in MODES.items():
-        rows[name] = _measure(_model(size, mode), size)
-        print(f"  measured {name}", file=sys.stderr, flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = _measure({name: _model(size, mode) for name, mode in MODES.items()}, size)
     part = None if args.no_partitioned else _run_partitioned(size)
 
     base = rows["none"]

@@ -253,3 +253,43 @@ def test_recompute_redraws_tracker_masks(policy: str | None) -> None:
         grads.append((x.grad, m.lin.weight.grad))
     for a, b in zip(*grads, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+# --- DeepSpeed's deepspeed.checkpointing API ---------------------------------------------------
+
+
+def test_deepspeed_configure_reads_a_commented_config_file_then_overrides(tmp_path) -> None:
+    from act_ckpt import checkpointing
+
+    path = tmp_path / "ds_config.json"
+    path.write_text(
+        '{\n  "train_batch_size": 8, // comments as DeepSpeed allows\n'
+        '  "note": "a // inside a string stays",\n'
+        '  "activation_checkpointing": {"cpu_checkpointing": true, /* inline */ "profile": true}\n}\n'
+    )
+    checkpointing.configure(None, deepspeed_config=str(path), profile=False, synchronize=True)
+    assert checkpointing.is_configured()
+    ckpt = act_ckpt.get_checkpointer()
+    assert ckpt.cpu_checkpointing and ckpt.synchronize and not ckpt.profile and ckpt.partition_group is None
+    assert checkpointing.get_cuda_rng_tracker() is act_ckpt.get_rng_tracker()
+    x = torch.randn(3, requires_grad=True)
+    checkpointing.checkpoint(torch.sin, x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.cos(x))
+    checkpointing.reset()  # nothing to free; must not fail
+    with pytest.raises(ValueError, match=r"contiguous_memory_optimization=true needs"):
+        checkpointing.configure(None, contiguous_checkpointing=True)
+    with pytest.raises(ValueError, match="deepspeed_config must be a dict or a path"):
+        checkpointing.configure(None, deepspeed_config=3)
+
+
+def test_deepspeed_seed_and_tracker_names() -> None:
+    from act_ckpt import checkpointing
+
+    checkpointing.model_parallel_cuda_manual_seed(7)
+    a = torch.rand(3)
+    with checkpointing.get_cuda_rng_tracker().fork():
+        b = torch.rand(3)
+    torch.manual_seed(7)
+    assert torch.equal(a, torch.rand(3))
+    assert torch.equal(b, torch.rand(3, generator=torch.Generator().manual_seed(7 + 2718)))
+    assert isinstance(checkpointing.get_cuda_rng_tracker(), checkpointing.CudaRNGStatesTracker)
