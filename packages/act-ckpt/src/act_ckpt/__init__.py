@@ -12,6 +12,7 @@ Quick tour::
 DeepSpeed's ``deepspeed.checkpointing`` API is :mod:`act_ckpt.checkpointing`.
 """
 
+from act_ckpt import checkpointing  # DeepSpeed's deepspeed.checkpointing API
 from act_ckpt.config import ActivationCheckpointingConfig, parse_activation_checkpointing
 from act_ckpt.core import (
     Checkpointer,
@@ -41,6 +42,7 @@ __all__ = [
     "attention_core",
     "checkpoint",
     "checkpoint_wrapper",
+    "checkpointing",
     "configure",
     "get_checkpointer",
     "get_rng_tracker",
