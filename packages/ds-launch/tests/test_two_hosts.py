@@ -136,21 +136,25 @@ def hosts(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _launch(
-    hosts: Hosts, out: Path, extra: list[str], worker_args: list[str]
+    hosts: Hosts, out: Path, extra: list[str], worker_args: list[str], launcher: str = "ssh"
 ) -> tuple[subprocess.CompletedProcess, float]:
     env_file = hosts.tmp / "test.env"
     env_file.write_text("# exported to every node, verbatim\nDSL_TEST_VALUE=two hosts=$ok 'x'\n")
     env = dict(os.environ, GLOO_SOCKET_IFNAME=IFNAME, DS_ENV_FILE=str(env_file), OMP_NUM_THREADS="1")
+    env["DS_LAUNCH_SSH_ARGS"] = "-o UserKnownHostsFile=/dev/null"  # leave root's known_hosts alone
     argv = ["ip", "netns", "exec", hosts.namespaces[0], sys.executable, "-m", "ds_launch"]
-    argv += ["--hostfile", str(hosts.hostfile()), "--launcher", "ssh", "--ssh_identity", str(hosts.key)]
-    argv += ["--launcher_args", "-o UserKnownHostsFile=/dev/null", "--master_port", str(free_port()), *extra]
+    argv += ["--hostfile", str(hosts.hostfile()), "--launcher", launcher, "--ssh_identity", str(hosts.key)]
+    argv += ["--master_port", str(free_port()), *extra]
     argv += [str(WORKER), str(out), *worker_args]
     proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, cwd=hosts.tmp)
     return proc, time.time()
 
 
-def test_two_nodes_two_workers_each(hosts: Hosts, tmp_path: Path) -> None:
-    proc, _ = _launch(hosts, tmp_path, [], ["a b", "$HOME", "it's"])
+@pytest.mark.parametrize("launcher", ["ssh", "pdsh"])
+def test_two_nodes_two_workers_each(hosts: Hosts, tmp_path: Path, launcher: str) -> None:
+    if launcher == "pdsh" and shutil.which("pdsh") is None:
+        pytest.fail("pdsh not found: install pdsh (see .ci/apt-packages.txt)")
+    proc, _ = _launch(hosts, tmp_path, [], ["a b", "$HOME", "it's", "100%"], launcher)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     reports = read_reports(tmp_path)
     assert sorted(reports) == [0, 1, 2, 3]
@@ -159,20 +163,17 @@ def test_two_nodes_two_workers_each(hosts: Hosts, tmp_path: Path) -> None:
         assert r["addr"] == hosts.addrs[node], r  # each rank runs in its own host's namespace
         assert r["world_size"] == 4 and r["local_rank"] == rank % 2 and r["local_size"] == 2
         assert r["sum"] == 10.0
-        assert r["argv"] == [f"--local_rank={rank % 2}", str(tmp_path), "a b", "$HOME", "it's"]
+        assert r["argv"] == [f"--local_rank={rank % 2}", str(tmp_path), "a b", "$HOME", "it's", "100%"]
         assert r["test_value"] == "two hosts=$ok 'x'"
     assert reports[0]["netns"] == reports[1]["netns"] != reports[2]["netns"] == reports[3]["netns"]
-    assert f"{hosts.addrs[1]}: rank 3/4 sum=10.0" in proc.stdout  # output comes home, host-prefixed
+    assert f"{hosts.addrs[1]}: rank 3/4 sum=10.0" in proc.stdout  # output comes home, host-prefixed (pdsh too)
 
 
-def test_one_node_failure_stops_the_other(hosts: Hosts, tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["ssh", "pdsh"])
+def test_one_node_failure_stops_the_other(hosts: Hosts, tmp_path: Path, launcher: str) -> None:
     term_timeout = 3
-    proc, end = _launch(
-        hosts,
-        tmp_path,
-        ["--term_timeout", str(term_timeout)],
-        ["--fail-rank", "3", "--fail-code", "7", "--spawn-child"],
-    )
+    worker_args = ["--fail-rank", "3", "--fail-code", "7", "--spawn-child"]
+    proc, end = _launch(hosts, tmp_path, ["--term_timeout", str(term_timeout)], worker_args, launcher)
     assert proc.returncode == 7, proc.stdout + proc.stderr
     assert f"rank 3 (local rank 1) on host {hosts.addrs[1]} exited with code 7" in proc.stderr
     assert "rank 3 failing on purpose with code 7" in proc.stderr

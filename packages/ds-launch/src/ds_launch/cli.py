@@ -196,6 +196,7 @@ def _run(args: argparse.Namespace) -> int:
         launcher_args=shlex.split(args.launcher_args),
         ssh_port=args.ssh_port,
         ssh_identity=args.ssh_identity,
+        ssh_options=shlex.split(os.environ.get("DS_LAUNCH_SSH_ARGS", "")),
     )
     commands = build_commands(args.launcher, job)
     if args.dry_run:
