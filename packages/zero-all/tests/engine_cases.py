@@ -9,7 +9,9 @@ processes through file descriptors that die with the rank).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 from typing import Any
 
 import numpy as np
@@ -254,12 +256,14 @@ def client_optimizer_and_dataloader(rank: int, world_size: int, logdir: str) -> 
             "csv_monitor": {"enabled": True, "output_path": logdir, "job_name": "job"},
         },
     )
-    for i, (x, y) in enumerate(dl2):
-        loss = engine2(x, y)
-        engine2.backward(loss)
-        engine2.step()
-        if i == 2:
-            break
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        for i, (x, y) in enumerate(dl2):
+            loss = engine2(x, y)
+            engine2.backward(loss)
+            engine2.step()
+            if i == 2:
+                break
     engine2.destroy()
     return {
         "tbs": engine.train_batch_size(),
@@ -269,4 +273,5 @@ def client_optimizer_and_dataloader(rank: int, world_size: int, logdir: str) -> 
         "dl2_len": len(dl2),
         "client_opt_lr": engine2.get_lr(),
         "inner_type": type(zopt.param_groups[0]).__name__,
+        "printed": printed.getvalue(),
     }

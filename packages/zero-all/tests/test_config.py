@@ -97,7 +97,7 @@ def test_non_json_dict_values_rejected() -> None:
         ),
         ({"scheduler": {"type": "WarmupDecayLR", "params": {}}}, "WarmupDecayLR needs total_num_steps"),
         ({"scheduler": {"type": "WarmupLR", "params": {"warmup_steps": 3}}}, "scheduler.params.warmup_steps"),
-        ({"fp16": {"enabled": "yes"}}, "fp16.enabled"),
+        ({"fp16": {"loss_scale_window": "abc"}}, "fp16.loss_scale_window"),
         ({"gradient_clipping": -1}, "gradient_clipping"),
         ({"train_batch_size": "big"}, "train_batch_size"),
         ({"bfloat16": {"enabled": True}, "bf16": {"enabled": True}}, "both 'bfloat16' and 'bf16'"),

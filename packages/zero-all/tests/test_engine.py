@@ -117,7 +117,7 @@ def test_initialize_error_paths() -> None:
     assert "needs config=" in errors["no_config"]
 
 
-def test_client_optimizer_auto_config_and_dataloader(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_client_optimizer_auto_config_and_dataloader(tmp_path: Path) -> None:
     r = run_distributed(client_optimizer_and_dataloader, 2, str(tmp_path), timeout=120)[0]
     assert r["tbs"] == 8  # micro 4 from the DataLoader x 1 x 2 ranks
     assert r["lr"] == [pytest.approx(3e-3)]
@@ -125,7 +125,7 @@ def test_client_optimizer_auto_config_and_dataloader(tmp_path: Path, capfd: pyte
     assert r["dl2_batch"] == 4 and r["dl2_len"] == 64 // 2 // 4  # DistributedSampler: half the data per rank
     assert r["client_opt_lr"] == [pytest.approx(3e-3)]
     # steps_per_print=1 and csv_monitor: a line per step, and DeepSpeed-named CSV files with the loss.
-    printed = capfd.readouterr().out
+    printed = r["printed"]
     assert "[zero-all] step=1, skipped=0, lr=0.003, loss=" in printed and "step=3," in printed
     assert "time (ms) | forward:" in printed  # wall_clock_breakdown
     loss_csv = tmp_path / "job" / "Train_Samples_train_loss.csv"
