@@ -13,7 +13,7 @@
 //   p  = p * (1 - lr * weight_decay)       in AdamW mode
 //   m  = lerp(m, g, 1 - beta1)
 //   v  = v * beta2 + (1 - beta2) * g * g
-//   p += (-step_size * m) / (sqrt(v) / sqrt(bias_correction2) + eps)
+//   p += (-step_size * m) / fma(sqrt(v), 1 / sqrt(bias_correction2), eps)
 //   out = round_to_nearest_even(p)          (bf16/fp16 copy-out, optional)
 #include <cmath>
 #include <cstring>
@@ -144,12 +144,12 @@ inline void store_f16(uint16_t* p, V x) { *p = float_to_f16_bits(x); }
 
 // Coefficients broadcast once per slice.
 struct Consts {
-  V neg_step_size, bc2_sqrt, eps, lerp_coeff, beta2, one_minus_beta2, weight_decay, decay_factor;
+  V neg_step_size, inv_bc2_sqrt, eps, lerp_coeff, beta2, one_minus_beta2, weight_decay, decay_factor;
   bool lerp_from_grad;
   int mode;
   explicit Consts(const AdamCoeffs& c)
       : neg_step_size(vset(c.neg_step_size)),
-        bc2_sqrt(vset(c.bc2_sqrt)),
+        inv_bc2_sqrt(vset(c.inv_bc2_sqrt)),
         eps(vset(c.eps)),
         lerp_coeff(vset(c.lerp_coeff)),
         beta2(vset(c.beta2)),
@@ -182,7 +182,7 @@ inline void adam_block(float* p, const void* g, float* m, float* v, void* out, i
   mv = k.lerp_from_grad ? vfma(k.lerp_coeff, diff, gv) : vfma(k.lerp_coeff, diff, mv);
   V vv = vload(v + i);
   vv = vfma(vv, k.beta2, vmul(vmul(k.one_minus_beta2, gv), gv));
-  const V denom = vadd(vdiv(vsqrt(vv), k.bc2_sqrt), k.eps);
+  const V denom = vfma(vsqrt(vv), k.inv_bc2_sqrt, k.eps);
   pv = vadd(pv, vdiv(vmul(k.neg_step_size, mv), denom));
   vstore(p + i, pv);
   vstore(m + i, mv);

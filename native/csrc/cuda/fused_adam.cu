@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) fused_adam_kernel(const AdamTable ta
     const float diff = __fsub_rn(g, mi);
     mi = c.lerp_from_grad ? fmaf(c.lerp_coeff, diff, g) : fmaf(c.lerp_coeff, diff, mi);
     float vi = fmaf(v[i], c.beta2, __fmul_rn(__fmul_rn(c.one_minus_beta2, g), g));
-    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), c.bc2_sqrt), c.eps);
+    const float denom = fmaf(__fsqrt_rn(vi), c.inv_bc2_sqrt, c.eps);
     p = __fadd_rn(p, __fdiv_rn(__fmul_rn(c.neg_step_size, mi), denom));
     m[i] = mi;
     v[i] = vi;
