@@ -12,7 +12,7 @@ from torch import nn
 
 from zero_testkit import run_distributed
 
-SEED_CONFIG = Path(__file__).resolve().parents[1] / "../shared/examples/ds_config_seed.json"
+SEED_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "deepspeed_configs" / "ds_config_seed.json"
 
 
 class Net(nn.Module):

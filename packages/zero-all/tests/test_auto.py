@@ -10,7 +10,8 @@ import torch
 from zero_all.config import ConfigError, ZeroAllConfig, resolve_batch_sizes
 from zero_all.config.auto import AutoContext, resolve_auto
 
-SHARED = Path(__file__).resolve().parents[3] / "../shared/examples"
+# Copies of ../shared/examples live in examples/deepspeed_configs (so CI has them).
+SHARED = Path(__file__).resolve().parents[3] / "examples" / "deepspeed_configs"
 
 
 def _hf(name: str) -> dict:

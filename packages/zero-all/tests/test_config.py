@@ -11,7 +11,8 @@ import pytest
 from zero_all.config import ConfigError, ZeroAllConfig, resolve_batch_sizes
 from zero_all.config.loader import strip_json_comments
 
-SHARED = Path(__file__).resolve().parents[3] / "../shared/examples"
+# Copies of ../shared/examples live in examples/deepspeed_configs (so CI has them).
+SHARED = Path(__file__).resolve().parents[3] / "examples" / "deepspeed_configs"
 EXAMPLES = [SHARED / n for n in ("ds_config_seed.json", "ds_config_zero2_auto.json", "ds_config_zero3_auto.json")]
 
 
