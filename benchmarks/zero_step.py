@@ -303,12 +303,19 @@ def run(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]]:
 # ---- report -------------------------------------------------------------------------------------------
 
 
-def _paper_formula(name: str, numel: int, n: int) -> float | None:
-    """ZeRO paper, mixed precision with Adam (K = 12): DDP 16Φ, P_os 4Φ + 12Φ/N, P_os+g 2Φ + 14Φ/N."""
+def _formula(dname: str, name: str, numel: int, n: int) -> float | None:
+    """Expected model-state bytes per rank.
+
+    bf16: the ZeRO paper's mixed-precision figures with Adam (K = 12): DDP 16Φ, P_os 4Φ + 12Φ/N,
+    P_os+g 2Φ + 14Φ/N. fp32 (no separate master needed): DDP 16Φ (params, grads, two Adam states);
+    stages 1-2: 4Φ + 12Φ/N (the parameters, and 1/N of the gradients and of Adam's two states).
+    """
     stage = {"ddp": 0, "zero1": 1, "zero2": 2, "ds1": 1, "ds2": 2}.get(name)
     if stage is None:
         return None
-    return {0: 16.0, 1: 4.0 + 12.0 / n, 2: 2.0 + 14.0 / n}[stage] * numel
+    if dname == "bf16":
+        return {0: 16.0, 1: 4.0 + 12.0 / n, 2: 2.0 + 14.0 / n}[stage] * numel
+    return {0: 16.0, 1: 4.0 + 12.0 / n, 2: 4.0 + 12.0 / n}[stage] * numel
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
@@ -324,17 +331,18 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, modes: list[
     for name in modes:
         t = r0["time"][name]
         print(f"{name:<10} {t:8.3f} {t / t_ddp:7.2f}")
-    print("\nper-rank memory (MiB; model state = params + grads + fp32 master + optimizer states)")
-    print(f"{'dtype/mode':<12} {'model state':>11} {'paper':>8} {'/paper':>7} {'peak RSS +':>11} {'RSS/paper':>9}")
+    print("\nper-rank memory (MiB; model state = params + grads + fp32 master + optimizer states;")
+    print("formula: bf16 the ZeRO paper's mixed precision, fp32 16Φ for DDP and 4Φ + 12Φ/N for stages 1-2)")
+    print(f"{'dtype/mode':<12} {'model state':>11} {'formula':>8} {'/formula':>8} {'peak RSS +':>11} {'RSS/form.':>9}")
     rows = {}
     for key, m in r0["memory"].items():
         dname, name = key.split("/")
-        paper = _paper_formula(name, m["numel"], n) if dname == "bf16" or name == "ddp" else None
+        paper = _formula(dname, name, m["numel"], n)
         ms, rss = m["model_state_bytes"], max(r["memory"][key]["peak_rss_delta_bytes"] for r in results)
-        rows[key] = {**m, "peak_rss_delta_bytes_max_rank": rss, "paper_formula_bytes": paper}
+        rows[key] = {**m, "peak_rss_delta_bytes_max_rank": rss, "formula_bytes": paper}
         mib = 2.0**20
         p_s = f"{paper / mib:8.1f}" if paper else f"{'-':>8}"
-        ratio = f"{ms / paper:7.2f}" if paper and ms > 0 else f"{'-':>7}"
+        ratio = f"{ms / paper:8.2f}" if paper and ms > 0 else f"{'-':>8}"
         rratio = f"{rss / paper:9.2f}" if paper else f"{'-':>9}"
         ms_s = f"{ms / mib:11.1f}" if ms > 0 else f"{'-':>11}"
         print(f"{key:<12} {ms_s} {p_s} {ratio} {rss / mib:11.1f} {rratio}")

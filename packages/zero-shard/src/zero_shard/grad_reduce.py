@@ -10,7 +10,8 @@ differs is where gradients wait to be reduced:
   (the accumulation boundary) reduces, as DDP under ``no_sync``.
 - stage 2 keeps only this rank's fp32 partition of the gradients. Every micro-step reduces: a bucket's
   gradients go into a temporary bucket buffer, which is reduced and then added into the partition. At
-  most two bucket buffers are alive at once, so gradient memory stays ``partition + 2 buckets``. This is
+  most two buckets are in flight at once; with the buckets that are filling (normally one, more when a
+  gradient arrives ahead of an earlier bucket's) gradient memory stays ``partition + a few buckets``. This is
   DeepSpeed's stage-2 behaviour too; its price is one reduction per micro-step.
 - stage 1 reduces at the boundary only, as stage 0. Without gradient accumulation it needs no full
   accumulator: the boundary backward goes through bucket buffers into the partition, as stage 2. The
@@ -22,6 +23,10 @@ that are powers of two that equals summing and then dividing, bit for bit. We su
 ``predivide / N``, having multiplied by ``1 / predivide`` before the sum when ``gradient_predivide_factor``
 is not 1 (DeepSpeed's rule). Stage 2 averages each micro-step's sum before accumulating, stages 0-1
 accumulate then average once: with gradient accumulation the two orders differ by rounding only.
+
+[Note: overlap_comm] With ``overlap_comm`` a bucket's collective is launched asynchronously as soon as
+the bucket is ready and backward goes on computing; without it the collective runs (blocking) in the
+hook that completes the bucket. Either way a bucket buffer is freed as soon as it is reduced.
 
 [Note: launch order] Collectives must be issued in the same order on every rank, so buckets launch in
 index order: a bucket that is ready waits for all earlier buckets to be ready (as DDP does).
@@ -94,6 +99,9 @@ class GradReducer:
             # Stage 1 allocates the full accumulator lazily, on the first micro-step it must keep.
             self.accum = [None] * len(layouts)
             self.part_grads = [torch.zeros(lay.partition_numel, dtype=torch.float32, device=device) for lay in layouts]
+        self.live_bucket_buffers = 0
+        self.peak_bucket_buffers = 0  # most transient bucket buffers alive at once (memory bound check)
+        self.peak_in_flight = 0
         self._accumulated = False  # a micro-step's gradients wait in the accumulator (stages 0-1)
         self._via_accum = stage == 0  # this backward reduces from the accumulator
         self.buckets: list[_Bucket] = []
@@ -191,7 +199,7 @@ class GradReducer:
             buf[slot.offset - b.start : slot.end - b.start].add_(grad.reshape(-1))
         p.grad = None
         b.pending -= 1
-        if b.pending == 0 and self.overlap_comm:
+        if b.pending == 0:
             self._launch_ready()
 
     def _bucket_buffer(self, b: _Bucket) -> torch.Tensor:
@@ -203,6 +211,8 @@ class GradReducer:
                 # A transient fp32 buffer for this bucket only (stage 2, and stage 1 without accumulation).
                 b.buffer = torch.zeros(b.end - b.start, dtype=torch.float32, device=self.device)
                 b.temp = True
+                self.live_bucket_buffers += 1
+                self.peak_bucket_buffers = max(self.peak_bucket_buffers, self.live_bucket_buffers)
         return b.buffer
 
     # ---- launching and finishing ----------------------------------------------------------------------
@@ -234,7 +244,13 @@ class GradReducer:
                 works.append(dist.reduce(buf[a - b.start : z - b.start], dst=dst, group=self.group, async_op=async_op))
         b.works = [w for w in works if w is not None]
         b.launched = True
-        self._in_flight.append(b)
+        if async_op:
+            self._in_flight.append(b)
+            self.peak_in_flight = max(self.peak_in_flight, len(self._in_flight))
+        else:
+            # overlap_comm=false: the collective already ran; finish the bucket now, which also frees a
+            # stage-2 bucket buffer before the next one fills (as DeepSpeed reduces in the hook).
+            self._complete(b)
 
     def _complete(self, b: _Bucket) -> None:
         for w in b.works:
@@ -253,6 +269,8 @@ class GradReducer:
                 mine.mul_(self.post)
                 if b.temp:
                     self.part_grads[b.group][a - lo : z - lo].add_(mine)
+        if b.temp:
+            self.live_bucket_buffers -= 1
         b.buffer = None
 
     def _finish_backward(self) -> None:
