@@ -13,8 +13,9 @@ attention as in Megatron) on CPU, one forward+backward per step, for:
 
 "Saved MiB" is what the graph holds for backward at the end of the forward (the peak between
 forward and backward), counted with saved-tensor hooks per storage, parameters excluded
-(act_ckpt.SavedActivationMeter). Time is the median step of the measured steps; the ratios
-against "none" come from the same run.
+(act_ckpt.SavedActivationMeter). Time is the best of the measured steps, taken round-robin over
+the modes (on a shared machine interference only adds time); ratios against "none" are from the
+same run.
 
     python benchmarks/act_ckpt.py [--quick] [--json PATH] [--steps N] [--layers N] [--threads N] [--no-partitioned]
 """
