@@ -114,6 +114,9 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(tmp_path: Path, where: s
     r = CheckpointReader(tmp_path, "old")
     assert torch.equal(r.read_rank(0)[0]["x"], torch.ones(4))
     assert r.manifest["note"] == "old"
-    # A later save still works (leftover temporary directories are ignored).
+    # A later save still works (leftover temporary directories are ignored) ...
     _save(tmp_path, "next", 3.0)
     assert read_latest(tmp_path) == "next"
+    # ... and a completed save of the killed tag removes its leftovers.
+    _save(tmp_path, tag, 4.0)
+    assert not list(tmp_path.glob(f".{tag}.*"))

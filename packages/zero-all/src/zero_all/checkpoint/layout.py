@@ -123,6 +123,9 @@ class CheckpointWriter:
             write_json_atomic_text(self.save_dir / LATEST, self.tag)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+            # Leftovers of earlier saves of this tag that were killed midway: never read, now garbage.
+            for stale in [*self.save_dir.glob(f".{self.tag}.tmp-*"), *self.save_dir.glob(f".{self.tag}.old-*")]:
+                shutil.rmtree(stale, ignore_errors=True)
         _barrier(self.group)
         return final
 
