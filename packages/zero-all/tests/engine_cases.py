@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from torch import nn
 import zero_all
 from zero_all.schedulers import WarmupLR
 
+HF_CONFIGS = Path(__file__).resolve().parents[3] / "examples" / "deepspeed_configs"
 GLOBAL_MICRO = 8
 GAS = 2
 LR = 1e-2
@@ -216,6 +218,16 @@ def initialize_errors(rank: int, world_size: int) -> dict[str, str]:
             {},
         ),
         "stage3": ({"train_batch_size": 4, "optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}, {}),
+        "zero3_auto": (
+            str(HF_CONFIGS / "ds_config_zero3_auto.json"),
+            {
+                "optimizer": torch.optim.SGD,
+                "training_data": torch.utils.data.DataLoader(
+                    torch.utils.data.TensorDataset(torch.randn(8, 12), torch.randn(8, 4)), batch_size=2
+                ),
+            },
+        ),
+        "zero3_auto_no_loader": (str(HF_CONFIGS / "ds_config_zero3_auto.json"), {"optimizer": torch.optim.SGD}),
         "no_config": (None, {}),
     }
     out = {}
@@ -234,15 +246,14 @@ def client_optimizer_and_dataloader(rank: int, world_size: int, logdir: str) -> 
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     data = torch.utils.data.TensorDataset(torch.randn(64, 12), torch.randn(64, 4))
     loader = torch.utils.data.DataLoader(data, batch_size=4)
-    cfg = {
-        "train_batch_size": "auto",
-        "train_micro_batch_size_per_gpu": "auto",
-        "gradient_accumulation_steps": "auto",
-        "gradient_clipping": "auto",
-        "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}},
-        "bf16": {"enabled": "auto"},
-    }
-    engine, zopt, dl, _ = zero_all.initialize(model=model, optimizer=opt, training_data=loader, config=cfg)
+    # The Hugging Face ZeRO-2 config as written: every "auto" comes from these arguments.
+    engine, zopt, dl, sched = zero_all.initialize(
+        model=model,
+        optimizer=opt,
+        training_data=loader,
+        lr_scheduler=lambda o: WarmupLR(o, warmup_max_lr=3e-3, warmup_num_steps=2),
+        config=str(HF_CONFIGS / "ds_config_zero2_auto.json"),
+    )
     model2 = copy.deepcopy(model)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=3e-3, weight_decay=0.0)
     engine2, _, dl2, _ = zero_all.initialize(
@@ -274,4 +285,6 @@ def client_optimizer_and_dataloader(rank: int, world_size: int, logdir: str) -> 
         "client_opt_lr": engine2.get_lr(),
         "inner_type": type(zopt.param_groups[0]).__name__,
         "printed": printed.getvalue(),
+        "hf_stage": engine.zero_optimization_stage(),
+        "hf_sched": type(sched).__name__,
     }

@@ -115,12 +115,18 @@ def test_initialize_error_paths() -> None:
     assert "fp16" in errors["fp16_and_bf16"] and "bf16" in errors["fp16_and_bf16"]
     assert errors["stage3"].startswith("NotImplementedError") and "stage=3" in errors["stage3"]
     assert "needs config=" in errors["no_config"]
+    # HF's ZeRO-3 config: every "auto" resolves, then stage 3 is refused by name.
+    assert errors["zero3_auto"].startswith("NotImplementedError") and "stage=3" in errors["zero3_auto"]
+    assert (
+        "train_micro_batch_size_per_gpu is 'auto': pass training_data as a DataLoader" in errors["zero3_auto_no_loader"]
+    )
 
 
 def test_client_optimizer_auto_config_and_dataloader(tmp_path: Path) -> None:
     r = run_distributed(client_optimizer_and_dataloader, 2, str(tmp_path), timeout=120)[0]
     assert r["tbs"] == 8  # micro 4 from the DataLoader x 1 x 2 ranks
-    assert r["lr"] == [pytest.approx(3e-3)]
+    assert r["hf_stage"] == 2 and r["hf_sched"] == "WarmupLR"
+    assert r["lr"] == [pytest.approx(0.0)]  # the client's WarmupLR at step 0 (lr from the client optimizer: 3e-3)
     assert r["loader_is_given"] is True
     assert r["dl2_batch"] == 4 and r["dl2_len"] == 64 // 2 // 4  # DistributedSampler: half the data per rank
     assert r["client_opt_lr"] == [pytest.approx(3e-3)]

@@ -154,7 +154,8 @@ class Engine(torch.nn.Module):
 
     def _report(self) -> None:
         loss = None
-        if self._loss_sum is not None:
+        # .item() waits for the device: only when the loss is printed or monitored this step.
+        if self._loss_sum is not None and self.monitor.wants_loss(self.global_steps):
             loss = float(self._loss_sum.item() / self._loss_count)
         self._loss_sum, self._loss_count = None, 0
         self.monitor.after_step(

@@ -7,8 +7,6 @@ does; unlike DeepSpeed the training loss is written too (DEEPSPEED_NOTES.md).
 
 from __future__ import annotations
 
-from typing import Any
-
 from ds_monitor import MonitorMaster, ThroughputTimer, Timers, tags
 from zero_all.config.batch import BatchSizes
 from zero_all.config.model import ZeroAllConfig
@@ -29,6 +27,10 @@ class EngineMonitor:
             batch.train_batch_size, steps_per_output=None, world_size=world_size, synchronize=False
         )
         self._timing = False
+
+    def wants_loss(self, step: int) -> bool:
+        """Whether step ``step`` prints or writes events (the loss is only read from the device then)."""
+        return self.master.enabled or bool(self.steps_per_print and step % self.steps_per_print == 0)
 
     def timers_start(self, name: str) -> None:
         """Start a wall-clock timer (no-op unless ``wall_clock_breakdown``); the first one starts the throughput clock."""
@@ -81,7 +83,3 @@ class EngineMonitor:
     def close(self) -> None:
         """Flush and close the monitors."""
         self.master.close()
-
-    def state(self) -> dict[str, Any]:
-        """Nothing to checkpoint yet (kept for symmetry with the engine's other parts)."""
-        return {}
