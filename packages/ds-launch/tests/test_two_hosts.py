@@ -128,10 +128,12 @@ def hosts(tmp_path_factory: pytest.TempPathFactory):
                 proc.wait()
         for name in ns:
             # Anything still running in our namespaces is ours (sshd sessions, a stuck worker).
-            pids = _run("ip", "netns", "pids", name).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError, ValueError):
-                    os.kill(int(pid), signal.SIGKILL)
+            # SIGTERM first: a login shell's own cleanup (e.g. a shim-rehash lock) gets to run.
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for pid in _run("ip", "netns", "pids", name).stdout.split():
+                    with contextlib.suppress(ProcessLookupError, ValueError):
+                        os.kill(int(pid), sig)
+                time.sleep(0.5 if sig == signal.SIGTERM else 0)
             _run("ip", "netns", "delete", name)  # also removes the veth pair
 
 
@@ -184,3 +186,58 @@ def test_one_node_failure_stops_the_other(hosts: Hosts, tmp_path: Path, launcher
     for r in reports.values():
         assert not alive(r["pid"]), f"rank {r['rank']} survived"
         assert not alive(r["child_pid"]), f"rank {r['rank']}'s child survived"
+
+
+def test_sigterm_to_launcher_stops_both_nodes(hosts: Hosts, tmp_path: Path) -> None:
+    env = dict(
+        os.environ, GLOO_SOCKET_IFNAME=IFNAME, OMP_NUM_THREADS="1", DS_LAUNCH_SSH_ARGS="-o UserKnownHostsFile=/dev/null"
+    )
+    env.pop("DS_ENV_FILE", None)
+    argv = ["ip", "netns", "exec", hosts.namespaces[0], sys.executable, "-m", "ds_launch"]
+    argv += ["--hostfile", str(hosts.hostfile()), "--ssh_identity", str(hosts.key), "--master_port", str(free_port())]
+    argv += ["--term_timeout", "3", str(WORKER), str(tmp_path), "--hang", "--spawn-child"]
+    # `ip netns exec` execs the launcher, so this pid is the launcher's.
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=hosts.tmp)
+    try:
+        deadline = time.monotonic() + 120
+        while len(read_reports(tmp_path)) < 4:
+            assert proc.poll() is None and time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    for r in read_reports(tmp_path).values():
+        assert not alive(r["pid"]) and not alive(r["child_pid"]), f"rank {r['rank']} survived"
+
+
+def test_unreachable_host_stops_the_job(hosts: Hosts, tmp_path: Path) -> None:
+    # ssh to the second host fails at once; node 0's agent, waiting in the rendezvous for it,
+    # must be stopped too (its ssh stdin is closed), and the launcher names the host.
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(f"{hosts.addrs[0]} slots=1\nno-such-host.invalid slots=1\n")
+    env = dict(os.environ, DS_LAUNCH_SSH_ARGS="-o UserKnownHostsFile=/dev/null")
+    argv = ["ip", "netns", "exec", hosts.namespaces[0], sys.executable, "-m", "ds_launch", "--hostfile", str(hostfile)]
+    argv += ["--ssh_identity", str(hosts.key), "--master_port", str(free_port()), "--term_timeout", "2"]
+    proc = subprocess.run([*argv, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 255, proc.stderr
+    assert "node process on host no-such-host.invalid exited with status 255" in proc.stderr
+    # The agent that was waiting for the rendezvous is gone too (it may still be importing
+    # torch when its stdin closes, so give it a moment on a loaded machine).
+    deadline = time.monotonic() + 30
+    while _agents_in(hosts.namespaces[0]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _agents_in(hosts.namespaces[0]) == []
+
+
+def _agents_in(ns: str) -> list[str]:
+    """Command lines of ds_launch processes in namespace ``ns``."""
+    found = []
+    for pid in _run("ip", "netns", "pids", ns).stdout.split():
+        with contextlib.suppress(OSError):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "ds_launch" in cmdline:
+                found.append(cmdline)
+    return found

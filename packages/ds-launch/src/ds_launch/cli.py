@@ -209,7 +209,9 @@ def _run(args: argparse.Namespace) -> int:
     cleanup = None
     if args.launcher == "pdsh":
         # pdsh cannot forward a signal to the remote commands: kill exactly this run's agents.
-        kill = ["pdsh", "-w", ",".join(world), f"pkill -TERM -f -- {shlex.quote('--run_id=' + args.run_id)}"]
+        # "[d]s_launch" matches the agents but not this pattern's own text in the pkill/pdsh argv.
+        pattern = rf"[d]s_launch\.agent .*--run_id={args.run_id}( |$)"
+        kill = ["pdsh", "-w", ",".join(world), f"pkill -TERM -f -- {shlex.quote(pattern)}"]
         cleanup = NodeCommand(kill, env=commands[0].env)
     return supervise(commands, args.term_timeout, prefix_hosts=args.launcher == "ssh", cleanup=cleanup)
 
