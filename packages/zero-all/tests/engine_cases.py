@@ -185,7 +185,22 @@ def resume_elsewhere(rank: int, world_size: int, stage: int, ckpt: str, bad_ckpt
     }
 
 
-def initialize_errors(rank: int, world_size: int) -> dict[str, str]:
+def _fp16_overflow_skips() -> dict[str, Any]:
+    """fp16: an overflowing step is skipped: no schedule step, the scale halves, the next step runs."""
+    cfg = ds_config(1, 1, fp16={"enabled": True, "initial_scale_power": 8, "hysteresis": 1})
+    engine, *_ = zero_all.initialize(model=make_model(), config=cfg)
+    seen = []
+    for step in range(2):
+        for m in range(GAS):
+            x, y = batch(step, m, 0, 1)
+            loss = engine(x.half(), y.half())
+            engine.backward(loss * (1e6 if step == 0 else 1.0))  # step 0: fp16 gradients overflow
+            engine.step()
+        seen.append((engine.was_step_skipped(), engine.get_lr()[0], engine.loss_scale, engine.global_steps))
+    return {"seen": seen, "dtype": str(next(engine.module.parameters()).dtype)}
+
+
+def initialize_errors(rank: int, world_size: int) -> dict[str, Any]:
     """initialize()'s error paths (config problems it can only see with the model and world size)."""
     cases = {
         "batch": ({"train_batch_size": 3, "train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "AdamW"}}, {}),
@@ -230,7 +245,7 @@ def initialize_errors(rank: int, world_size: int) -> dict[str, str]:
         "zero3_auto_no_loader": (str(HF_CONFIGS / "ds_config_zero3_auto.json"), {"optimizer": torch.optim.SGD}),
         "no_config": (None, {}),
     }
-    out = {}
+    out: dict[str, Any] = {"fp16_skip": _fp16_overflow_skips()}
     for name, (cfg, kw) in cases.items():
         try:
             zero_all.initialize(model=make_model(), config=cfg, **kw)

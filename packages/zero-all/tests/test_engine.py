@@ -105,6 +105,13 @@ def test_consolidate_matches_the_saved_weights(saved: dict, tmp_path: Path) -> N
 
 def test_initialize_error_paths() -> None:
     (errors,) = run_distributed(initialize_errors, 1, timeout=120)
+    skip = errors["fp16_skip"]
+    assert skip["dtype"] == "torch.float16"
+    # (skipped, lr, loss scale, global steps). The scale halves from 2**8 on the overflow. WarmupLR
+    # does not advance on the skipped step: after the first real step it is at its iteration 0
+    # (lr 0.0); had it advanced on the skip, it would be at iteration 1 (lr = 1e-2 / 5).
+    assert skip["seen"][0] == (True, 0.0, 128.0, 1)
+    assert skip["seen"][1] == (False, 0.0, 128.0, 2)
     assert "3 / (2 x 1) = 1.5" in errors["batch"]
     assert "train_micro_batch_size_per_gpu is 'auto'" in errors["auto_micro"]
     assert "no optimizer" in errors["no_optimizer"]
