@@ -188,14 +188,15 @@ def test_one_node_failure_stops_the_other(hosts: Hosts, tmp_path: Path, launcher
         assert not alive(r["child_pid"]), f"rank {r['rank']}'s child survived"
 
 
-def test_sigterm_to_launcher_stops_both_nodes(hosts: Hosts, tmp_path: Path) -> None:
+@pytest.mark.parametrize("launcher", ["ssh", "pdsh"])
+def test_sigterm_to_launcher_stops_both_nodes(hosts: Hosts, tmp_path: Path, launcher: str) -> None:
     env = dict(
         os.environ, GLOO_SOCKET_IFNAME=IFNAME, OMP_NUM_THREADS="1", DS_LAUNCH_SSH_ARGS="-o UserKnownHostsFile=/dev/null"
     )
     env.pop("DS_ENV_FILE", None)
     argv = ["ip", "netns", "exec", hosts.namespaces[0], sys.executable, "-m", "ds_launch"]
     argv += ["--hostfile", str(hosts.hostfile()), "--ssh_identity", str(hosts.key), "--master_port", str(free_port())]
-    argv += ["--term_timeout", "3", str(WORKER), str(tmp_path), "--hang", "--spawn-child"]
+    argv += ["--launcher", launcher, "--term_timeout", "3", str(WORKER), str(tmp_path), "--hang", "--spawn-child"]
     # `ip netns exec` execs the launcher, so this pid is the launcher's.
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=hosts.tmp)
     try:
