@@ -120,3 +120,11 @@ def test_sigkill_while_saving_keeps_previous_checkpoint(tmp_path: Path, where: s
     # ... and a completed save of the killed tag removes its leftovers.
     _save(tmp_path, tag, 4.0)
     assert not list(tmp_path.glob(f".{tag}.*"))
+
+
+def test_commit_without_updating_latest(tmp_path: Path) -> None:
+    _save(tmp_path, "a", 1.0)
+    w = CheckpointWriter(tmp_path, "b")
+    w.write_rank({"x": torch.zeros(1)}, {})
+    w.commit({}, update_latest=False)
+    assert read_latest(tmp_path) == "a" and (tmp_path / "b" / "manifest.json").is_file()

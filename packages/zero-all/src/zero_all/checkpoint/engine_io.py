@@ -94,24 +94,7 @@ def save_engine_checkpoint(
         "ds_config": engine.config.raw,
         "save_latest": save_latest,
     }
-    if not save_latest:
-        # The directory is still committed atomically; only `latest` is left alone.
-        return _commit_without_latest(writer, manifest)
-    return writer.commit(manifest)
-
-
-def _commit_without_latest(writer: CheckpointWriter, manifest: dict[str, Any]) -> Path:
-    latest = Path(writer.save_dir) / "latest"
-    before = latest.read_text() if writer.rank == 0 and latest.is_file() else None
-    final = writer.commit(manifest)
-    if writer.rank == 0:
-        from zero_all.checkpoint.layout import write_json_atomic_text
-
-        if before is None:
-            latest.unlink(missing_ok=True)
-        else:
-            write_json_atomic_text(latest, before)
-    return final
+    return writer.commit(manifest, update_latest=save_latest)
 
 
 def load_engine_checkpoint(

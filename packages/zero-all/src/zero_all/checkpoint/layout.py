@@ -100,7 +100,7 @@ class CheckpointWriter:
         """A file written once (by the calling rank, normally 0), recorded in the manifest."""
         self.files[name] = write_tensors(self.tmp / name, tensors)
 
-    def commit(self, manifest: dict[str, Any]) -> Path:
+    def commit(self, manifest: dict[str, Any], update_latest: bool = True) -> Path:
         """Barrier, then rank 0 writes the manifest, renames the directory into place and updates ``latest``."""
         _barrier(self.group)
         final = self.save_dir / self.tag
@@ -120,7 +120,8 @@ class CheckpointWriter:
                 os.rename(final, old)
             os.rename(self.tmp, final)
             fsync_dir(self.save_dir)
-            write_json_atomic_text(self.save_dir / LATEST, self.tag)
+            if update_latest:
+                write_json_atomic_text(self.save_dir / LATEST, self.tag)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
             # Leftovers of earlier saves of this tag that were killed midway: never read, now garbage.
