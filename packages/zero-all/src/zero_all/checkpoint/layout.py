@@ -83,6 +83,8 @@ class CheckpointWriter:
         # Rank 0 picks the temporary name; every rank must use the same one.
         token = torch.tensor([secrets.randbits(62)], dtype=torch.int64)
         if dist.is_initialized():
+            if str(dist.get_backend(group)) == "nccl":  # NCCL moves device tensors only
+                token = token.to(torch.device("cuda", torch.cuda.current_device()))
             dist.broadcast(token, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         self.tmp = self.save_dir / f".{self.tag}.tmp-{int(token.item()):x}"
         if self.rank == 0:
