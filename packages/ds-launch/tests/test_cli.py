@@ -91,3 +91,21 @@ def test_bad_env_file(capsys: pytest.CaptureFixture[str], hostfile: Path, tmp_pa
     monkeypatch.setenv("DS_ENV_FILE", str(env_file))
     code, _, err = run_cli(capsys, "-H", str(hostfile), "--dry_run", "t.py")
     assert code == 2 and f"{env_file}:2: bad line" in err
+
+
+def _workers(out: str) -> list[list[str]]:
+    return [shlex.split(line.split("worker:", 1)[1]) for line in out.splitlines() if "worker:" in line]
+
+
+def test_dry_run_module_and_bind(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(
+        capsys, "--num_gpus", "2", "--module", "--bind_cores_to_rank", "--no_local_rank", "--dry_run", "pkg.train", "$1"
+    )
+    assert code == 0
+    shim = [sys.executable, "-m", "ds_launch._bind", "1", "2", "", "--"]
+    assert _workers(out)[1][3:] == [*shim, sys.executable, "-u", "-m", "pkg.train", "$1"]
+
+
+def test_dry_run_no_python(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "--num_gpus", "1", "--no_python", "--dry_run", "./run.sh", "x")
+    assert code == 0 and _workers(out)[0][3:] == ["./run.sh", "--local_rank=0", "x"]
