@@ -200,6 +200,25 @@ def _fp16_overflow_skips() -> dict[str, Any]:
     return {"seen": seen, "dtype": str(next(engine.module.parameters()).dtype)}
 
 
+def _bf16_frozen_and_buffers() -> dict[str, Any]:
+    """bf16: trained, frozen parameters and floating buffers all end up in bf16; training runs."""
+    model = make_model()
+    model.fc1.requires_grad_(False)
+    model.register_buffer("scale", torch.ones(4))
+    cfg = ds_config(1, 2, bf16={"enabled": True})
+    engine, *_ = zero_all.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=cfg
+    )
+    x, y = batch(0, 0, 0, 1)
+    loss = engine(x.bfloat16(), y.bfloat16())
+    engine.backward(loss)
+    engine.step()
+    return {
+        "dtypes": sorted({str(t.dtype) for t in [*model.parameters(), *model.buffers()]}),
+        "loss": float(loss.detach().float()),
+    }
+
+
 def initialize_errors(rank: int, world_size: int) -> dict[str, Any]:
     """initialize()'s error paths (config problems it can only see with the model and world size)."""
     cases = {
@@ -245,7 +264,7 @@ def initialize_errors(rank: int, world_size: int) -> dict[str, Any]:
         "zero3_auto_no_loader": (str(HF_CONFIGS / "ds_config_zero3_auto.json"), {"optimizer": torch.optim.SGD}),
         "no_config": (None, {}),
     }
-    out: dict[str, Any] = {"fp16_skip": _fp16_overflow_skips()}
+    out: dict[str, Any] = {"fp16_skip": _fp16_overflow_skips(), "bf16_frozen": _bf16_frozen_and_buffers()}
     for name, (cfg, kw) in cases.items():
         try:
             zero_all.initialize(model=make_model(), config=cfg, **kw)

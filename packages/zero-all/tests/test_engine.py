@@ -105,6 +105,7 @@ def test_consolidate_matches_the_saved_weights(saved: dict, tmp_path: Path) -> N
 
 def test_initialize_error_paths() -> None:
     (errors,) = run_distributed(initialize_errors, 1, timeout=120)
+    assert errors["bf16_frozen"]["dtypes"] == ["torch.bfloat16"]
     skip = errors["fp16_skip"]
     assert skip["dtype"] == "torch.float16"
     # (skipped, lr, loss scale, global steps). The scale halves from 2**8 on the overflow. WarmupLR

@@ -51,18 +51,22 @@ def _compute_dtype(cfg: ZeroAllConfig) -> torch.dtype:
     return torch.float32
 
 
-def _cast_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Floating buffers to the compute dtype (as DeepSpeed's module.bfloat16()/half() does).
+def _cast_unmanaged(model: torch.nn.Module, dtype: torch.dtype, managed: set[int]) -> None:
+    """Buffers and frozen parameters to the compute dtype (as DeepSpeed's module.bfloat16()/half() does).
 
-    Parameters are left alone: zero-shard takes the fp32 master from their full-precision values
-    and casts them itself.
+    The parameters zero-shard manages are left alone: it takes the fp32 master from their
+    full-precision values and casts them itself.
     """
     if dtype == torch.float32:
         return
-    for module in model.modules():
-        for name, buf in module._buffers.items():
-            if buf is not None and buf.is_floating_point():
-                module._buffers[name] = buf.to(dtype)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.is_floating_point():
+                    module._buffers[name] = buf.to(dtype)
+            for p in module.parameters(recurse=False):
+                if id(p) not in managed and p.is_floating_point():
+                    p.data = p.data.to(dtype)
 
 
 def _named_groups(model: torch.nn.Module, params: Iterable[Any] | None) -> list[dict[str, Any]]:
@@ -211,7 +215,7 @@ def initialize(
         gradient_predivide_factor=float(cfg.gradient_predivide_factor),
     )
 
-    _cast_buffers(model, dtype)
+    _cast_unmanaged(model, dtype, {id(p) for g in groups for _, p in g["params"]})
     scheduler = _build_lr_scheduler(lr_scheduler, optimizer, zero_opt, cfg)
     dataloader = _build_dataloader(
         training_data, batch.train_micro_batch_size_per_gpu, collate_fn, cfg.dataloader_drop_last
