@@ -36,6 +36,7 @@ __all__ = [
     "POLICIES",
     "PolicyFn",
     "attention_core",
+    "in_attention_core",
     "recompute_attention_core",
     "resolve_policy",
     "rng_safe",
