@@ -335,7 +335,13 @@ def _report(cfg: AgentConfig, rank: int, local_rank: int, exitcode: int, lines: 
 def _prepare_environment(cfg: AgentConfig) -> None:
     os.environ.update(cfg.exports)
     if cfg.chdir:
-        os.chdir(cfg.chdir)
+        try:
+            os.chdir(cfg.chdir)
+        except OSError as e:
+            raise SystemExit(
+                f"ds-launch: cannot enter the launch directory {cfg.chdir!r} on host {cfg.host}: {e.strerror}; "
+                "every node needs the same paths (shared filesystem or identical checkout)"
+            ) from e
     slots = cfg.world[cfg.host]
     # DeepSpeed's launcher also sets these; scripts written for it read LOCAL_SIZE.
     os.environ["LOCAL_SIZE"] = str(len(slots))
@@ -437,9 +443,12 @@ def run_node(cfg: AgentConfig) -> int:
         agent.pump.stop()
     if agent.status is not None:
         return agent.status
-    if result is None or agent.aborted or result.is_failed():
+    if result is None or agent.aborted:
         sys.stderr.write(f"ds-launch: another node failed; stopped the workers on host {cfg.host}\n")
         return ABORTED_EXIT_CODE
+    if result.is_failed():
+        sys.stderr.write(f"ds-launch: workers on host {cfg.host} ended in state {result.state.name}\n")
+        return 1
     return 0
 
 
