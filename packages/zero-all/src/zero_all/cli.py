@@ -1,4 +1,6 @@
-"""The ``zero-all`` command: ``zero-all consolidate CKPT_DIR OUT`` (DeepSpeed's zero_to_fp32 equivalent).
+"""The ``zero-all`` command: ``consolidate`` (DeepSpeed's zero_to_fp32 equivalent) and ``env`` (ds_report).
+
+``zero-all consolidate CKPT_DIR OUT``:
 
 Consolidation reads every rank's shard of a zero-all checkpoint, reassembles each parameter
 from its flat ranges (zero-shard's ``consolidate``) and writes one safetensors state dict
@@ -65,6 +67,54 @@ def consolidate_checkpoint(
     return result
 
 
+_PACKAGES = [
+    "zero_all",
+    "zero_shard",
+    "amp_scaler",
+    "act_ckpt",
+    "offload_io",
+    "onebit_comm",
+    "pipe3d",
+    "ds_launch",
+    "ds_monitor",
+    "ds_native",
+]
+
+
+def env_report() -> dict[str, object]:
+    """What ``zero-all env`` prints: versions of torch and every zero-all package, devices, the native build."""
+    import importlib
+    import platform
+
+    report: dict[str, object] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": torch.cuda.device_count(),
+        "torch_distributed_backends": [b for b in ("gloo", "nccl", "mpi") if _backend_available(b)],
+    }
+    packages: dict[str, str] = {}
+    for name in _PACKAGES:
+        try:
+            packages[name] = getattr(importlib.import_module(name), "__version__", "installed")
+        except ImportError as e:
+            packages[name] = f"not installed ({e.name})"
+    report["packages"] = packages
+    try:
+        import ds_native
+
+        report["ds_native_build"] = ds_native.build_info()
+    except ImportError:
+        report["ds_native_build"] = None
+    return report
+
+
+def _backend_available(name: str) -> bool:
+    import torch.distributed as dist
+
+    return bool(dist.is_available() and getattr(dist, f"is_{name}_available", lambda: False)())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``zero-all`` console script."""
     parser = argparse.ArgumentParser(prog="zero-all", description="zero-all checkpoint tools")
@@ -74,7 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("out", help="output .safetensors file")
     c.add_argument("--tag", default=None, help="checkpoint tag (default: the one in 'latest')")
     c.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="parameter dtype (default fp32)")
+    sub.add_parser("env", help="report torch, devices, the zero-all packages and the native build (ds_report)")
     args = parser.parse_args(argv)
+    if args.command == "env":
+        import json
+
+        print(json.dumps(env_report(), indent=2))
+        return 0
     try:
         state = consolidate_checkpoint(args.ckpt_dir, args.tag, args.dtype)
     except CheckpointError as e:
