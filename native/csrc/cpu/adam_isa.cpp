@@ -198,8 +198,15 @@ constexpr size_t dtype_bytes(DType d) { return d == DType::f32 ? 4 : 2; }
 template <DType G, bool HasOut, DType O>
 void adam_run(const AdamSlice& s) {
   const Consts k(*s.coeffs);
+  // Local copies: vector stores may alias anything (__m512 is may_alias), so
+  // reading the pointers through `s` would reload them every iteration.
+  float* const param = s.param;
+  const void* const grad = s.grad;
+  float* const exp_avg = s.exp_avg;
+  float* const exp_avg_sq = s.exp_avg_sq;
+  void* const out = s.out;
   const int64_t body = s.n - s.n % kW;
-  for (int64_t i = 0; i < body; i += kW) adam_block<G, HasOut, O>(s.param, s.grad, s.exp_avg, s.exp_avg_sq, s.out, i, k);
+  for (int64_t i = 0; i < body; i += kW) adam_block<G, HasOut, O>(param, grad, exp_avg, exp_avg_sq, out, i, k);
   const int64_t tail = s.n - body;
   if (tail == 0) return;
   // The last < kW elements: run the same vector block on zero-padded copies.
