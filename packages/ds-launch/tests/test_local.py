@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LAUNCHER, WORKER, alive, free_port, read_reports
+from _dsl_helpers import LAUNCHER, WORKER, alive, free_port, read_reports
 
 pytestmark = pytest.mark.timeout(120)
 

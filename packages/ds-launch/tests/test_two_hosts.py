@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import WORKER, alive, free_port, read_reports
+from _dsl_helpers import WORKER, alive, free_port, read_reports
 
 pytestmark = pytest.mark.timeout(240)
 
