@@ -255,7 +255,10 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, modes
         times: dict[str, list[float]] = {name: [] for name in modes}
         for step in range(args.steps + 1):
             idx, tgt = _batch(args, rank, step)
-            for name, m in built.items():
+            # Rotate the order every step so that no mode always runs right after the same other one.
+            order = modes[step % len(modes) :] + modes[: step % len(modes)]
+            for name in order:
+                m = built[name]
                 dist.barrier()
                 t0 = time.perf_counter()
                 m.step(idx, tgt)
