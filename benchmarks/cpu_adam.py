@@ -41,10 +41,13 @@ def _interleaved_medians(fns: dict[str, Callable[[], object]], steps: int) -> di
     for fn in fns.values():
         fn()  # warm-up: creates optimizer state, faults pages in
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(steps):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(steps):
+        # Rotate the order every round: no implementation always follows the same one
+        # (whose dirty cache lines it would have to write back).
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
