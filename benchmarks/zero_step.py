@@ -23,6 +23,8 @@ zero_shard.comm rests on.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import gc
 import json
 import math
@@ -161,6 +163,13 @@ class Mode:
 # ---- measurements on each rank -------------------------------------------------------------------------
 
 
+def _release_free_memory() -> None:
+    """Hand memory freed by earlier modes back to the OS, so that RSS growth measures only this mode."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -237,7 +246,7 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, modes
             for name in modes:
                 if (name == "ddp" and dname == "bf16") or name == "zero2-rs":
                     continue
-                gc.collect()
+                _release_free_memory()
                 base = _rss()
                 with PeakRSS() as peak:
                     m = Mode(name, args, dtype)
@@ -282,6 +291,9 @@ def _free_port() -> int:
 
 
 def run(args: argparse.Namespace, modes: list[str]) -> list[dict[str, Any]]:
+    # A fixed mmap threshold: glibc otherwise raises it after big frees and serves later big tensors from
+    # the heap, which it does not return to the OS; RSS growth per mode would then depend on mode order.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(128 * 1024))
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
