@@ -4,6 +4,9 @@ The CPU kernels live in ``_ds_native_cpu`` (always built; AVX-512 / AVX2 /
 scalar chosen at run time). The CUDA kernels live in ``_ds_native_cuda``,
 built when a CUDA compiler was found and imported only when a CUDA tensor
 needs them, so ``import ds_native`` works on machines without CUDA.
+
+Optimizers over these kernels live in ``ds_native.optim`` (``CPUAdam``,
+``FusedAdam``, ``cpu_adam_step``).
 """
 
 from __future__ import annotations
