@@ -17,7 +17,8 @@ forward and backward), counted with saved-tensor hooks per storage, parameters e
 the modes (on a shared machine interference only adds time); ratios against "none" are from the
 same run.
 
-    python benchmarks/act_ckpt.py [--quick] [--json PATH] [--steps N] [--layers N] [--threads N] [--no-partitioned]
+    python benchmarks/act_ckpt.py [--quick] [--json PATH] [--steps N] [--layers N] [--threads N] [--modes a,b]
+        [--no-partitioned]
 """
 
 from __future__ import annotations
@@ -176,6 +177,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, help="measured steps per mode")
     ap.add_argument("--layers", type=int, help="override the number of blocks")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--modes", help=f"comma-separated subset/order of {','.join(MODES)} (none is always measured)")
     ap.add_argument("--no-partitioned", action="store_true", help="skip the 2-process partitioned row")
     args = ap.parse_args()
     size = dict(QUICK if args.quick else FULL)
@@ -186,7 +188,13 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = _measure({name: _model(size, mode) for name, mode in MODES.items()}, size)
+    names = list(MODES) if not args.modes else args.modes.split(",")
+    unknown = [n for n in names if n not in MODES]
+    if unknown:
+        ap.error(f"unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
+    if "none" not in names:
+        names.insert(0, "none")
+    rows = _measure({name: _model(size, MODES[name]) for name in names}, size)
     part = None if args.no_partitioned else _run_partitioned(size)
 
     base = rows["none"]
