@@ -5,6 +5,10 @@ Public API: :class:`ZeroConfig` (the ``zero_optimization`` section), :class:`Zer
 sharded checkpoint state) and :class:`CollectiveChoice` (which collectives move gradients/parameters).
 """
 
+# Fails here, with what to install, when ds-native is missing or built for another ABI.
+from zero_shard import _native  # noqa: F401  # isort: skip
+
+
 from zero_shard.checkpoint_state import consolidate
 from zero_shard.comm import CollectiveChoice, choose_collectives
 from zero_shard.config import ZeroConfig
