@@ -93,10 +93,20 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Every benchmark in benchmarks/ at its --quick size (pass --full via posargs for the real sizes)."""
-    _install(session, "./packages/zero-all", "./packages/ds-monitor[tensorboard,plot]")
+    """Every benchmark in benchmarks/, side by side with its peers in one run.
+
+    Quick sizes unless `-- --full`. `-- --deepspeed` also installs DeepSpeed (its CPU ops build
+    at first use, minutes) so the benchmarks add its rows; they do whenever it is importable.
+    `-- --only NAME` runs one script (e.g. `--only cpu_adam`).
+    """
+    _install(session, "./packages/zero-all", "./packages/ds-monitor[tensorboard,plot]", "numpy")
+    if "--deepspeed" in session.posargs:
+        _install(session, "deepspeed")
+    session.env.setdefault("DS_ACCELERATOR", "cpu")
     quick = [] if "--full" in session.posargs else ["--quick"]
+    only = session.posargs[session.posargs.index("--only") + 1] if "--only" in session.posargs else None
     out = ROOT / "bench-results"
     out.mkdir(exist_ok=True)
     for script in sorted((ROOT / "benchmarks").glob("*.py")):
-        session.run("python", str(script), *quick, "--json", str(out / f"{script.stem}.json"))
+        if only is None or script.stem == only:
+            session.run("python", str(script), *quick, "--json", str(out / f"{script.stem}.json"))
