@@ -45,6 +45,14 @@ def _per_group(optimizer: Any, value: Any, name: str) -> list[Any]:
     return [value] * n
 
 
+def _check_warmup(warmup_num_steps: Any, warmup_type: str) -> None:
+    """Validate the warmup parameters WarmupLR and WarmupCosineLR share."""
+    if isinstance(warmup_num_steps, bool) or not isinstance(warmup_num_steps, int) or warmup_num_steps <= 0:
+        raise ValueError(f"scheduler.params.warmup_num_steps must be a positive integer, got {warmup_num_steps!r}")
+    if warmup_type not in (WARMUP_LOG_RATE, WARMUP_LINEAR_RATE):
+        raise ValueError(f"scheduler.params.warmup_type must be 'log' or 'linear', got {warmup_type!r}")
+
+
 class _Schedule:
     """Shared step/state logic: subclasses implement ``get_lr()`` from ``last_batch_iteration``."""
 
@@ -88,10 +96,7 @@ class WarmupLR(_Schedule):
         warmup_type: str = WARMUP_LOG_RATE,
         last_batch_iteration: int = -1,
     ) -> None:
-        if isinstance(warmup_num_steps, bool) or not isinstance(warmup_num_steps, int) or warmup_num_steps <= 0:
-            raise ValueError(f"scheduler.params.warmup_num_steps must be a positive integer, got {warmup_num_steps!r}")
-        if warmup_type not in (WARMUP_LOG_RATE, WARMUP_LINEAR_RATE):
-            raise ValueError(f"scheduler.params.warmup_type must be 'log' or 'linear', got {warmup_type!r}")
+        _check_warmup(warmup_num_steps, warmup_type)
         self.optimizer = optimizer
         if warmup_max_lr is None:
             warmup_max_lr = optimizer.param_groups[0]["lr"]
@@ -161,10 +166,7 @@ class WarmupCosineLR(_Schedule):
         warmup_type: str = WARMUP_LOG_RATE,
         last_batch_iteration: int = -1,
     ) -> None:
-        if isinstance(warmup_num_steps, bool) or not isinstance(warmup_num_steps, int) or warmup_num_steps <= 0:
-            raise ValueError(f"scheduler.params.warmup_num_steps must be a positive integer, got {warmup_num_steps!r}")
-        if warmup_type not in (WARMUP_LOG_RATE, WARMUP_LINEAR_RATE):
-            raise ValueError(f"scheduler.params.warmup_type must be 'log' or 'linear', got {warmup_type!r}")
+        _check_warmup(warmup_num_steps, warmup_type)
         self.optimizer = optimizer
         self.total_num_steps = total_num_steps
         self.last_batch_iteration = last_batch_iteration
