@@ -167,29 +167,38 @@ inline V load_grad(const void* g, int64_t i) {
   if constexpr (G == DType::f16) return load_f16(static_cast<const uint16_t*>(g) + i);
 }
 
-// kW elements starting at i. HasOut/O: copy-out of the updated params.
-template <DType G, bool HasOut, DType O>
+// U * kW elements starting at i. HasOut/O: copy-out of the updated params.
+// Loads and stores are grouped per stream (U lines of grads, then of m, ...),
+// as DeepSpeed's kernel does: measured ~1-3% faster at one thread than one
+// vector of each stream at a time, and U = 4 keeps everything in registers
+// (U = 8 spills and is slower). The per-element arithmetic does not depend on U.
+template <int U, DType G, bool HasOut, DType O>
 inline void adam_block(float* p, const void* g, float* m, float* v, void* out, int64_t i, const Consts& k) {
-  V gv = load_grad<G>(g, i);
-  V pv = vload(p + i);
-  if (k.mode == 1) {
-    gv = vfma(pv, k.weight_decay, gv);
-  } else if (k.mode == 2) {
-    pv = vmul(pv, k.decay_factor);
+  V gv[U], pv[U], mv[U], vv[U];
+  for (int u = 0; u < U; ++u) gv[u] = load_grad<G>(g, i + u * kW);
+  for (int u = 0; u < U; ++u) mv[u] = vload(m + i + u * kW);
+  for (int u = 0; u < U; ++u) vv[u] = vload(v + i + u * kW);
+  for (int u = 0; u < U; ++u) pv[u] = vload(p + i + u * kW);
+  for (int u = 0; u < U; ++u) {
+    if (k.mode == 1) {
+      gv[u] = vfma(pv[u], k.weight_decay, gv[u]);
+    } else if (k.mode == 2) {
+      pv[u] = vmul(pv[u], k.decay_factor);
+    }
+    const V diff = vsub(gv[u], mv[u]);
+    mv[u] = k.lerp_from_grad ? vfma(k.lerp_coeff, diff, gv[u]) : vfma(k.lerp_coeff, diff, mv[u]);
+    vv[u] = vfma(vv[u], k.beta2, vmul(vmul(k.one_minus_beta2, gv[u]), gv[u]));
+    const V denom = vfma(vsqrt(vv[u]), k.inv_bc2_sqrt, k.eps);
+    pv[u] = vadd(pv[u], vdiv(vmul(k.neg_step_size, mv[u]), denom));
   }
-  V mv = vload(m + i);
-  const V diff = vsub(gv, mv);
-  mv = k.lerp_from_grad ? vfma(k.lerp_coeff, diff, gv) : vfma(k.lerp_coeff, diff, mv);
-  V vv = vload(v + i);
-  vv = vfma(vv, k.beta2, vmul(vmul(k.one_minus_beta2, gv), gv));
-  const V denom = vfma(vsqrt(vv), k.inv_bc2_sqrt, k.eps);
-  pv = vadd(pv, vdiv(vmul(k.neg_step_size, mv), denom));
-  vstore(p + i, pv);
-  vstore(m + i, mv);
-  vstore(v + i, vv);
+  for (int u = 0; u < U; ++u) vstore(p + i + u * kW, pv[u]);
+  for (int u = 0; u < U; ++u) vstore(m + i + u * kW, mv[u]);
+  for (int u = 0; u < U; ++u) vstore(v + i + u * kW, vv[u]);
   if constexpr (HasOut) {
-    if constexpr (O == DType::bf16) store_bf16(static_cast<uint16_t*>(out) + i, pv);
-    if constexpr (O == DType::f16) store_f16(static_cast<uint16_t*>(out) + i, pv);
+    for (int u = 0; u < U; ++u) {
+      if constexpr (O == DType::bf16) store_bf16(static_cast<uint16_t*>(out) + i + u * kW, pv[u]);
+      if constexpr (O == DType::f16) store_f16(static_cast<uint16_t*>(out) + i + u * kW, pv[u]);
+    }
   }
 }
 
@@ -205,8 +214,12 @@ void adam_run(const AdamSlice& s) {
   float* const exp_avg = s.exp_avg;
   float* const exp_avg_sq = s.exp_avg_sq;
   void* const out = s.out;
+  constexpr int kGroup = kW == 1 ? 1 : 4;  // the scalar build gains nothing from grouping
+  const int64_t grouped = s.n - s.n % (kGroup * kW);
   const int64_t body = s.n - s.n % kW;
-  for (int64_t i = 0; i < body; i += kW) adam_block<G, HasOut, O>(param, grad, exp_avg, exp_avg_sq, out, i, k);
+  int64_t i = 0;
+  for (; i < grouped; i += kGroup * kW) adam_block<kGroup, G, HasOut, O>(param, grad, exp_avg, exp_avg_sq, out, i, k);
+  for (; i < body; i += kW) adam_block<1, G, HasOut, O>(param, grad, exp_avg, exp_avg_sq, out, i, k);
   const int64_t tail = s.n - body;
   if (tail == 0) return;
   // The last < kW elements: run the same vector block on zero-padded copies.
@@ -217,7 +230,7 @@ void adam_run(const AdamSlice& s) {
   std::memcpy(m, s.exp_avg + body, tail * 4);
   std::memcpy(v, s.exp_avg_sq + body, tail * 4);
   std::memcpy(g, static_cast<const char*>(s.grad) + body * gb, tail * gb);
-  adam_block<G, HasOut, O>(p, g, m, v, o, 0, k);
+  adam_block<1, G, HasOut, O>(p, g, m, v, o, 0, k);
   std::memcpy(s.param + body, p, tail * 4);
   std::memcpy(s.exp_avg + body, m, tail * 4);
   std::memcpy(s.exp_avg_sq + body, v, tail * 4);
