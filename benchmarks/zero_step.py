@@ -14,7 +14,7 @@ alive at a time: the model-state bytes the rank holds (parameters, gradients, fp
 states, counted from the tensors) and the peak RSS growth while the mode builds and takes 2 steps
 (sampled every 2 ms), next to the ZeRO paper's mixed-precision formula for the bf16 rows
 (stage 1: 4Φ + 12Φ/N bytes, stage 2: 2Φ + 14Φ/N; DDP: 16Φ). A collective probe measures gloo's
-all_reduce / reduce_scatter / all_gather / reduce bus bandwidth, the figures the per-backend choice in
+all_reduce / reduce_scatter / all_gather / reduce / broadcast-per-owner bus bandwidth, the figures the per-backend choice in
 zero_shard.comm rests on.
 
     python benchmarks/zero_step.py [--quick] [--json PATH] [--layers 8] [--d-model 512] [--steps 6]
@@ -200,6 +200,13 @@ def _batch(args: argparse.Namespace, rank: int, step: int) -> tuple[torch.Tensor
     return idx[:, :-1], idx[:, 1:]
 
 
+def _broadcast_gather(flat: torch.Tensor, n: int) -> None:
+    part = flat.numel() // n
+    works = [dist.broadcast(flat[r * part : (r + 1) * part], src=r, async_op=True) for r in range(n)]
+    for w in works:
+        w.wait()
+
+
 def _collective_probe(numel: int, reps: int) -> dict[str, float]:
     """Bus bandwidth (GB/s, nccl-tests convention) of the collectives ZeRO could use, fp32."""
     n = dist.get_world_size()
@@ -211,6 +218,8 @@ def _collective_probe(numel: int, reps: int) -> dict[str, float]:
         "reduce_scatter": (lambda: dist.reduce_scatter_tensor(part, x), (n - 1) / n),
         "all_gather": (lambda: dist.all_gather_into_tensor(out, part), (n - 1) / n),
         "reduce": (lambda: dist.reduce(x, dst=0), 1.0),
+        # What zero_shard.comm does on gloo to share updated partitions: one broadcast per owner, all in flight.
+        "broadcast_gather": (lambda: _broadcast_gather(out, n), (n - 1) / n),
     }
     res = {}
     for name, (fn, factor) in ops.items():

@@ -263,8 +263,30 @@ def initialize_errors(rank: int, world_size: int) -> dict[str, Any]:
         ),
         "zero3_auto_no_loader": (str(HF_CONFIGS / "ds_config_zero3_auto.json"), {"optimizer": torch.optim.SGD}),
         "no_config": (None, {}),
+        "grad_accum_fp16_on_bf16": (
+            {
+                "train_batch_size": 4,
+                "optimizer": {"type": "AdamW"},
+                "bf16": {"enabled": True},
+                "data_types": {"grad_accum_dtype": "fp16"},
+            },
+            {},
+        ),
     }
     out: dict[str, Any] = {"fp16_skip": _fp16_overflow_skips(), "bf16_frozen": _bf16_frozen_and_buffers()}
+    # data_types.grad_accum_dtype reaches zero-shard: the stage-2 gradient partition's dtype.
+    for name, data_types in (("accum_default", {}), ("accum_fp32", {"grad_accum_dtype": "float32"})):
+        engine, *_ = zero_all.initialize(
+            model=make_model(),
+            config={
+                "train_batch_size": 4,
+                "optimizer": {"type": "AdamW"},
+                "bf16": {"enabled": True},
+                "zero_optimization": {"stage": 2},
+                "data_types": data_types,
+            },
+        )
+        out[name] = str(engine.optimizer.reducer.part_grads[0].dtype)
     for name, (cfg, kw) in cases.items():
         try:
             zero_all.initialize(model=make_model(), config=cfg, **kw)

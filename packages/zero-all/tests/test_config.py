@@ -128,6 +128,16 @@ def test_known_but_unimplemented_keys_warn_once_and_load() -> None:
     assert cfg.ignored_keys == ["autotuning", "comms_logger", "compile", "elasticity", "flops_profiler"]
 
 
+def test_data_types_section() -> None:
+    assert ZeroAllConfig.load({}).data_types.grad_accum_dtype is None
+    assert ZeroAllConfig.load({"data_types": {"grad_accum_dtype": "torch.float32"}}).data_types.grad_accum_dtype == "fp32"
+    assert ZeroAllConfig.load({"data_types": {"grad_accum_dtype": "bfloat16"}}).data_types.grad_accum_dtype == "bf16"
+    with pytest.raises(ConfigError, match="data_types.grad_accum_dtype"):
+        ZeroAllConfig.load({"data_types": {"grad_accum_dtype": "int8"}})
+    with pytest.raises(ConfigError, match="data_types.grad_acum_dtype"):
+        ZeroAllConfig.load({"data_types": {"grad_acum_dtype": "fp32"}})
+
+
 def test_bfloat16_old_name_is_accepted() -> None:
     assert ZeroAllConfig.load({"bfloat16": {"enabled": True}}).bf16.enabled is True
 

@@ -123,6 +123,8 @@ def test_initialize_error_paths() -> None:
     assert "fp16" in errors["fp16_and_bf16"] and "bf16" in errors["fp16_and_bf16"]
     assert errors["stage3"].startswith("NotImplementedError") and "stage=3" in errors["stage3"]
     assert "needs config=" in errors["no_config"]
+    assert "data_types.grad_accum_dtype: 'fp16' with a torch.bfloat16 model" in errors["grad_accum_fp16_on_bf16"]
+    assert errors["accum_default"] == "torch.bfloat16" and errors["accum_fp32"] == "torch.float32"
     # HF's ZeRO-3 config: every "auto" resolves, then stage 3 is refused by name.
     assert errors["zero3_auto"].startswith("NotImplementedError") and "stage=3" in errors["zero3_auto"]
     assert (

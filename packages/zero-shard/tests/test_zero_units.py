@@ -201,6 +201,12 @@ def test_unused_parameters() -> None:
         ({"stage": 1}, {"compute_dtype": torch.float64}, ValueError, "compute_dtype"),
         ({"stage": 1}, {"gradient_clipping": -1.0}, ValueError, "gradient_clipping"),
         ({"stage": 0}, {"collectives": CollectiveChoice("reduce", "all_gather")}, ValueError, "stage 0"),
+        (
+            {"stage": 2},
+            {"compute_dtype": torch.bfloat16, "grad_accum_dtype": torch.float16},
+            ValueError,
+            "grad_accum_dtype",
+        ),
     ],
 )
 def test_bad_setup_is_a_clear_error(config: dict, kwargs: dict, error: type, needle: str) -> None:
@@ -229,7 +235,7 @@ def test_no_trainable_parameters_or_duplicate_names() -> None:
 
 def test_collective_choice_per_backend() -> None:
     assert choose_collectives("gloo", 2, reduce_scatter=True, allgather_partitions=True) == CollectiveChoice(
-        "all_reduce", "all_reduce"
+        "all_reduce", "broadcast"
     )
     assert choose_collectives("nccl", 2, reduce_scatter=True, allgather_partitions=True) == CollectiveChoice(
         "reduce", "all_gather"

@@ -143,20 +143,26 @@ def run_matrix(rank: int, world_size: int, cases: list[tuple[int, str, int]], st
     out: dict[Any, Any] = {}
     for ga in sorted({c[2] for c in cases}):
         out[("ddp", ga)] = run_ddp(rank, world_size, steps, ga)
-    for stage, dtype, ga in cases:
-        model, opt = make_zero(stage, dtype)
+    for case in cases:
+        # A 4th element "fp32-accum": stage 2 with grad_accum_dtype=float32 (else the compute dtype).
+        stage, dtype, ga = case[:3]
+        kw = {"grad_accum_dtype": torch.float32} if case[3:] == ("fp32-accum",) else {}
+        model, opt = make_zero(stage, dtype, **kw)
         losses = train_zero(model, opt, rank, world_size, range(steps), ga, dtype)
-        out[(stage, dtype, ga)] = {"losses": losses, "params": full_params(model), "skipped": opt.skipped_steps}
+        out[case] = {"losses": losses, "params": full_params(model), "skipped": opt.skipped_steps}
     return out
 
 
-def run_state_bytes(rank: int, world_size: int) -> dict[int, dict[str, int]]:
-    """Per-rank bytes of master / optimizer state / gradients after one step, for stages 0, 1, 2."""
-    out = {}
-    for stage in (0, 1, 2):
-        model, opt = make_zero(stage)
-        train_zero(model, opt, rank, world_size, range(1), 1, "fp32")
-        out[stage] = opt.state_bytes() | {"numel": sum(p.numel() for p in model.parameters())}
+def run_state_bytes(rank: int, world_size: int) -> dict[Any, dict[str, int]]:
+    """Per-rank bytes of master / optimizer state / gradients after one step: stages 0, 1, 2 in fp32
+    (keys 0, 1, 2) and in bf16 (keys ``(stage, "bf16")``, plus ``(2, "bf16", "fp32-accum")``)."""
+    out: dict[Any, dict[str, int]] = {}
+    for key in (0, 1, 2, (0, "bf16"), (1, "bf16"), (2, "bf16"), (2, "bf16", "fp32-accum")):
+        stage, dtype = (key, "fp32") if isinstance(key, int) else key[:2]
+        kw = {"grad_accum_dtype": torch.float32} if isinstance(key, tuple) and key[2:] == ("fp32-accum",) else {}
+        model, opt = make_zero(stage, dtype, **kw)
+        train_zero(model, opt, rank, world_size, range(1), 1, dtype)
+        out[key] = opt.state_bytes() | {"numel": sum(p.numel() for p in model.parameters())}
     return out
 
 
@@ -202,7 +208,7 @@ def run_world(rank: int, world_size: int, cases: list[tuple[int, str, int]], ste
 
         variants = {
             "reduce+all_gather": dict(collectives=CollectiveChoice("reduce", "all_gather")),
-            "all_reduce+broadcast": dict(collectives=CollectiveChoice("all_reduce", "broadcast")),
+            "all_reduce+all_reduce": dict(collectives=CollectiveChoice("all_reduce", "all_reduce")),
             "no_overlap": dict(overlap=False),
             "one_bucket": dict(bucket=10**6),
         }

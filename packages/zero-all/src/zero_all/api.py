@@ -51,6 +51,20 @@ def _compute_dtype(cfg: ZeroAllConfig) -> torch.dtype:
     return torch.float32
 
 
+def _grad_accum_dtype(cfg: ZeroAllConfig, compute_dtype: torch.dtype) -> torch.dtype | None:
+    """``data_types.grad_accum_dtype`` as a torch dtype (None: the model's dtype, DeepSpeed's default)."""
+    name = cfg.data_types.grad_accum_dtype
+    if name is None:
+        return None
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    if dtype not in (torch.float32, compute_dtype):
+        raise ConfigError(
+            f"ds_config.data_types.grad_accum_dtype: {name!r} with a {compute_dtype} model is not supported; "
+            f"accepted: 'fp32' or the model's own dtype"
+        )
+    return dtype
+
+
 def _cast_unmanaged(model: torch.nn.Module, dtype: torch.dtype, managed: set[int]) -> None:
     """Buffers and frozen parameters to the compute dtype (as DeepSpeed's module.bfloat16()/half() does).
 
@@ -213,6 +227,7 @@ def initialize(
         loss_scaler=scaler,
         gradient_clipping=float(cfg.gradient_clipping),
         gradient_predivide_factor=float(cfg.gradient_predivide_factor),
+        grad_accum_dtype=_grad_accum_dtype(cfg, dtype),
     )
 
     _cast_unmanaged(model, dtype, {id(p) for g in groups for _, p in g["params"]})

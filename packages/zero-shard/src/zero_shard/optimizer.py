@@ -8,8 +8,11 @@ Per parameter group (see :mod:`zero_shard.flat_buffer`):
   the one parameter the inner optimizer sees for the group, so the optimizer state is 1/N too. For an
   fp32 model the master is not a copy but the flat buffer itself (its partition), saving 4 bytes/param;
 - gradients are reduced in fp32 (upcast as they are produced, which also makes accumulation over
-  micro-steps fp32) by :class:`~zero_shard.grad_reduce.GradReducer`: stages 0-1 hold a full fp32
-  accumulator, stage 2 only this rank's partition.
+  micro-steps fp32 at stages 0-1) by :class:`~zero_shard.grad_reduce.GradReducer`: stages 0-1 hold a
+  full fp32 accumulator, stage 2 only this rank's partition, kept in ``grad_accum_dtype`` (DeepSpeed's
+  ``data_types.grad_accum_dtype``; default the model's dtype, as DeepSpeed does, so that a bf16/fp16
+  model holds 2Φ + 14Φ/N bytes of model state as in the ZeRO paper). A 16-bit partition is upcast to
+  fp32 for the step only (a transient of 4 bytes per partition element, as DeepSpeed's stage 2 does).
 
 A step: unscale + global-norm + overflow check + clip (``amp_scaler.unscale_and_clip_``, the norm summed
 over ranks at stages 1-2), the inner optimizer on the fp32 partition, the partition cast back into the
@@ -112,6 +115,10 @@ class ZeroShardedOptimizer:
         loss_scaler: an ``amp_scaler`` loss scaler (fp16); None: a static scale of 1.
         gradient_clipping: clip the global gradient norm to this value (0: off).
         gradient_predivide_factor: DeepSpeed's pre-division before the sum (1.0: none).
+        collectives: force the gradient/parameter collectives (None: chosen for the backend).
+        grad_accum_dtype: dtype of the stage-2 gradient partition: ``torch.float32`` or ``compute_dtype``
+            (None, the default: ``compute_dtype``, DeepSpeed's default). fp32 makes a 16-bit stage 2
+            accumulate exactly and give the same numbers as stages 0-1, for 2Φ/N more bytes.
     """
 
     def __init__(
@@ -126,6 +133,7 @@ class ZeroShardedOptimizer:
         gradient_clipping: float = 0.0,
         gradient_predivide_factor: float = 1.0,
         collectives: CollectiveChoice | None = None,
+        grad_accum_dtype: torch.dtype | None = None,
     ) -> None:
         config = config if config is not None else ZeroConfig()
         groups = _normalize_groups(named_params)
@@ -141,6 +149,11 @@ class ZeroShardedOptimizer:
             )
         if gradient_clipping < 0 or not math.isfinite(gradient_clipping):
             raise ValueError(f"gradient_clipping must be a finite number >= 0, got {gradient_clipping!r}")
+        grad_accum_dtype = compute_dtype if grad_accum_dtype is None else grad_accum_dtype
+        if grad_accum_dtype not in (torch.float32, compute_dtype):
+            raise ValueError(
+                f"grad_accum_dtype must be torch.float32 or the compute dtype ({compute_dtype}), got {grad_accum_dtype}"
+            )
         if not gradient_predivide_factor > 0:
             raise ValueError(f"gradient_predivide_factor must be > 0, got {gradient_predivide_factor!r}")
         names = [n for params, _ in groups for n, _ in params]
@@ -199,7 +212,9 @@ class ZeroShardedOptimizer:
             predivide_factor=float(gradient_predivide_factor),
             ignore_unused_parameters=config.ignore_unused_parameters,
             device=device,
+            partition_dtype=grad_accum_dtype,
         )
+        self.grad_accum_dtype = grad_accum_dtype
         self._boundary = True
         self._global_grad_norm: float | None = None
         self.global_steps = 0
@@ -219,7 +234,9 @@ class ZeroShardedOptimizer:
         """Unscale/clip, step the fp32 partition, refresh the model. False when skipped for overflow."""
         if closure is not None:
             raise ValueError("ZeroShardedOptimizer.step does not take a closure")
-        grads = [self.reducer.grads_for_step(g) for g in range(len(self.masters))]
+        # A 16-bit stage-2 partition is upcast for the step only: unscaling fp16 gradients in fp16 would
+        # flush the small ones to zero, and the inner optimizer wants fp32 gradients for fp32 masters.
+        grads = [self.reducer.grads_for_step(g).float() for g in range(len(self.masters))]
         norm, found_inf = unscale_and_clip_(
             grads,
             self.loss_scaler.inv_scale,
@@ -278,7 +295,7 @@ class ZeroShardedOptimizer:
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds per kind: ``master`` (0 for an fp32 model: the master is the parameters'
-        own memory), ``optimizer_state``, ``gradients`` (fp32, reduced or accumulating) and ``params``."""
+        own memory), ``optimizer_state``, ``gradients`` (reduced or accumulating) and ``params``."""
         state = sum(
             t.numel() * t.element_size()
             for s in self.inner.state.values()
