@@ -14,6 +14,7 @@ what torch leaves out, each through a public extension point of it:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import warnings
@@ -28,8 +29,9 @@ from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
 from act_ckpt.config import ActivationCheckpointingConfig, parse_activation_checkpointing
 from act_ckpt.policies import PolicyFn, resolve_policy
+from act_ckpt.random_ops import RANDOM_OPS, RandomStore, RecordRandom, ReplayRandom
 from act_ckpt.rng import get_rng_tracker
-from act_ckpt.saved import RegionInputHooks, report_sac_storage
+from act_ckpt.saved import RegionInputHooks, report_random_store, report_sac_storage
 
 __all__ = [
     "Checkpointer",
@@ -154,6 +156,14 @@ class Checkpointer:
       streams) for the recompute, so dropout redraws the forward's masks. Leave it on.
     - ``determinism_check``: torch's check that the recompute saved the same tensors
       (``"default"`` or ``"none"``).
+    - ``random_ops``: how the recompute gets the forward's random numbers (dropout masks), for
+      all random ops of a region alike (see [Note: random ops, redrawn or replayed] in
+      :mod:`act_ckpt.random_ops`): ``"recompute"`` redraws them from the restored RNG state (no
+      memory, drawing time twice); ``"replay"`` keeps what the forward drew (dropout masks as
+      ``bool``, 1 byte per element) and writes it back (one backward per forward, like torch's
+      selective checkpointing). ``"auto"`` (default): ``"replay"`` for selective policies on CPU
+      inputs, where drawing costs as much as the rest of the recompute; ``"recompute"`` for full
+      checkpointing (only region inputs kept) and on accelerators (cheap fused dropout).
     """
 
     policy: str | PolicyFn | Iterable[Any] | None = None
@@ -164,12 +174,15 @@ class Checkpointer:
     profile: bool = False
     preserve_rng_state: bool = True
     determinism_check: str = "default"
+    random_ops: str = "auto"
     _policy_fn: PolicyFn | None = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_policy_fn", resolve_policy(self.policy))
         if self.determinism_check not in ("default", "none"):
             raise ValueError(f"determinism_check must be 'default' or 'none', got {self.determinism_check!r}")
+        if self.random_ops not in ("auto", *RANDOM_OPS):
+            raise ValueError(f"random_ops must be 'auto', 'recompute' or 'replay', got {self.random_ops!r}")
         if self.partition_group is not None and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("partition_group was given but torch.distributed is not initialized")
 
@@ -208,15 +221,28 @@ class Checkpointer:
             profile=cfg.profile,
         )
 
-    def _contexts(self) -> tuple[Any, Any]:
+    def _replays_random_ops(self, args: tuple[Any, ...]) -> bool:
+        """Whether a region called with ``args`` replays its random ops (resolves ``random_ops="auto"``)."""
+        if self.random_ops != "auto":
+            return self.random_ops == "replay"
+        if self._policy_fn is None:
+            return False
+        return not any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in args)
+
+    def _contexts(self, replay: bool = False) -> tuple[Any, Any]:
         """torch's ``context_fn``: the contexts of one forward and of its recompute."""
-        fwd_sac = rec_sac = None
+        fwd_sac = rec_sac = record = replayer = None
         if self._policy_fn is not None:
             fwd_sac, rec_sac = create_selective_checkpoint_contexts(self._policy_fn)
             report_sac_storage(fwd_sac.storage)
+        if replay:
+            store = RandomStore()
+            record, replayer = RecordRandom(store), ReplayRandom(store)
+            report_random_store(store)
         restore = _RestoreTracker(get_rng_tracker().get_states()) if self.preserve_rng_state else None
-        forward = _Stack(_Boundary("forward", self.synchronize, self.profile), fwd_sac)
-        recompute = _Stack(restore, _Boundary("recompute", self.synchronize, self.profile), rec_sac)
+        # The random-op modes go in before (below) torch's selective modes: see the note in act_ckpt.random_ops.
+        forward = _Stack(_Boundary("forward", self.synchronize, self.profile), record, fwd_sac)
+        recompute = _Stack(restore, _Boundary("recompute", self.synchronize, self.profile), replayer, rec_sac)
         return forward, recompute
 
     def __call__(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -232,7 +258,7 @@ class Checkpointer:
                 fn,
                 *args,
                 use_reentrant=False,
-                context_fn=self._contexts,
+                context_fn=functools.partial(self._contexts, self._replays_random_ops(args)),
                 preserve_rng_state=self.preserve_rng_state,
                 determinism_check=self.determinism_check,
             )

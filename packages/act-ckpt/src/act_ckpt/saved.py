@@ -10,8 +10,8 @@ memory. Inside the region torch saves only placeholders; the recompute refills t
 
 :class:`SavedActivationMeter` counts what is held for backward between forward and backward:
 the tensors autograd saves outside checkpointed regions (its own saved-tensor hooks), the region
-inputs kept by :class:`RegionInputHooks`, and the op outputs a selective-checkpointing policy
-caches. Bytes are counted per storage (views of one tensor count once), parameters excluded.
+inputs kept by :class:`RegionInputHooks`, the op outputs a selective-checkpointing policy
+caches and the random results kept for replay (``random_ops="replay"``). Bytes are counted per storage (views of one tensor count once), parameters excluded.
 """
 
 from __future__ import annotations
@@ -105,6 +105,16 @@ class _SacStorage(_Held):
                             yield v
 
 
+class _RandomStoreHeld(_Held):
+    """What a region's random ops drew, kept for replay (``random_ops="replay"``)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        yield from self.store.tensors()
+
+
 def _report(held: _Held) -> None:
     for meter in _ACTIVE_METERS:
         meter._track(held)
@@ -114,6 +124,12 @@ def report_sac_storage(storage: dict[Any, dict[int, Any]]) -> None:
     """Let active meters count what a selective policy caches (called when a region starts)."""
     if _ACTIVE_METERS:
         _report(_SacStorage(storage))
+
+
+def report_random_store(store: Any) -> None:
+    """Let active meters count the random results a region keeps for replay (a ``RandomStore``)."""
+    if _ACTIVE_METERS:
+        _report(_RandomStoreHeld(store))
 
 
 # torch 2.13 renamed all_gather_into_tensor (now deprecated) to all_gather_single.
@@ -223,7 +239,7 @@ class SavedActivationMeter(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self, ignore: Iterable[torch.Tensor] = ()) -> None:
         self._ignore = {self._key(t) for t in ignore}
         self._held: weakref.WeakSet[_Held] = weakref.WeakSet()
-        self._strong: list[_Held] = []  # SAC storage dicts cannot be weakly referenced
+        self._strong: list[_Held] = []  # nothing else references these wrappers: hold them here
         super().__init__(self._pack, self._unpack)
 
     @staticmethod
@@ -240,7 +256,7 @@ class SavedActivationMeter(torch.autograd.graph.saved_tensors_hooks):
         super().__exit__(*exc)
 
     def _track(self, held: _Held) -> None:
-        if isinstance(held, _SacStorage):
+        if isinstance(held, (_SacStorage, _RandomStoreHeld)):
             self._strong.append(held)
         else:
             self._held.add(held)
