@@ -3,19 +3,24 @@
 A GPT-style stack (12 blocks, d_model 512, seq 512, batch 4, 8 heads, dropout 0.1, unfused
 attention as in Megatron) on CPU, one forward+backward per step, for:
 
-  none         no checkpointing (the reference)
-  full         every block checkpointed (only block inputs kept)
-  sel-matmul   selective: save matmul outputs, recompute the rest
-  sel-core     selective: recompute the attention core (and pointwise ops), save the rest
-  cpu          full + cpu_checkpointing (on a CPU-only machine the inputs are already in host
-               memory: nothing moves, the row shows the bookkeeping cost)
-  partitioned  full + partition_activations over a 2-rank gloo group (2 processes; per rank)
+  none               no checkpointing (the reference)
+  full               every block checkpointed (only block inputs kept)
+  sel-matmul         selective: save matmul outputs, recompute the rest; dropout masks replayed
+                     (random_ops="replay", the default for selective policies on CPU)
+  sel-core           selective: recompute the attention core (and pointwise ops), save the rest;
+                     dropout masks replayed
+  sel-matmul-redraw  sel-matmul with random_ops="recompute": dropout redrawn in the recompute
+  sel-core-redraw    sel-core with random_ops="recompute"
+  cpu                full + cpu_checkpointing (on a CPU-only machine the inputs are already in host
+                     memory: nothing moves, the row shows the bookkeeping cost)
+  partitioned        full + partition_activations over a 2-rank gloo group (2 processes; per rank)
 
 "Saved MiB" is what the graph holds for backward at the end of the forward (the peak between
 forward and backward), counted with saved-tensor hooks per storage, parameters excluded
-(act_ckpt.SavedActivationMeter). Time is the best of the measured steps, taken round-robin over
-the modes (on a shared machine interference only adds time); ratios against "none" are from the
-same run.
+(act_ckpt.SavedActivationMeter; replayed dropout masks included). Steps are taken round-robin over
+the modes, the order rotated every round, all in one process. "step s" is a mode's median step
+time; "vs none" is the median over rounds of (mode's step / none's step in the same round), which
+cancels load drift on a shared machine; "range" is the lowest and highest of those per-round ratios.
 
     python benchmarks/act_ckpt.py [--quick] [--json PATH] [--steps N] [--layers N] [--threads N] [--modes a,b]
         [--no-partitioned]
@@ -28,6 +33,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -43,7 +49,7 @@ from torch.nn import functional as F  # noqa: E402
 
 import act_ckpt  # noqa: E402
 
-FULL = {"layers": 12, "d": 512, "heads": 8, "seq": 512, "batch": 4, "vocab": 8192, "steps": 4, "warmup": 1}
+FULL = {"layers": 12, "d": 512, "heads": 8, "seq": 512, "batch": 4, "vocab": 8192, "steps": 5, "warmup": 1}
 QUICK = {"layers": 2, "d": 128, "heads": 4, "seq": 128, "batch": 2, "vocab": 1024, "steps": 2, "warmup": 1}
 
 
@@ -103,6 +109,8 @@ MODES = {
     "full": {},
     "sel-matmul": {"policy": "save_matmuls"},
     "sel-core": {"policy": "recompute_attention_core"},
+    "sel-matmul-redraw": {"policy": "save_matmuls", "random_ops": "recompute"},
+    "sel-core-redraw": {"policy": "recompute_attention_core", "random_ops": "recompute"},
     "cpu": {"cpu_checkpointing": True},
 }
 
@@ -131,25 +139,31 @@ def _step(model: GPT, ids: torch.Tensor) -> tuple[float, object]:
     return dt, held
 
 
-def _measure(models: dict[str, GPT], size: dict) -> dict[str, dict]:
-    """Steps round-robin over the models, so load drift on a shared machine hits every mode alike."""
+def _measure(models: dict[str, GPT], size: dict, ref: str) -> dict[str, dict]:
+    """Steps round-robin over the models, the order rotated every round, so that load drift on a
+    shared machine and the position in a round hit every mode alike; ratios are against ``ref``."""
     ids = torch.randint(0, size["vocab"], (size["batch"], size["seq"]), generator=torch.Generator().manual_seed(1))
-    times: dict[str, list[float]] = {name: [] for name in models}
+    names = list(models)
+    times: dict[str, list[float]] = {name: [] for name in names}
     saved = {}
     for step in range(size["warmup"] + size["steps"]):
-        for name, model in models.items():
-            dt, saved[name] = _step(model, ids)
+        k = step % len(names)
+        for name in names[k:] + names[:k]:
+            dt, saved[name] = _step(models[name], ids)
             if step >= size["warmup"]:
                 times[name].append(dt)
-    return {
-        name: {
+    rows = {}
+    for name in names:
+        ratios = sorted(t / r for t, r in zip(times[name], times[ref], strict=True))
+        rows[name] = {
             "saved_bytes": saved[name].total,
             "offloaded_bytes": saved[name].offloaded,
-            # The best step: on a shared machine interference only ever adds time.
-            "step_s": min(times[name]),
+            "step_s": statistics.median(times[name]),
+            "step_times_s": times[name],
+            "ratio": statistics.median(ratios),
+            "ratio_range": [ratios[0], ratios[-1]],
         }
-        for name in models
-    }
+    return rows
 
 
 def _partitioned_rank(rank: int, world: int, size: dict) -> dict:
@@ -158,7 +172,7 @@ def _partitioned_rank(rank: int, world: int, size: dict) -> dict:
     torch.set_num_threads(1)
     group = dist.new_group(list(range(world)))
     models = {"full-1thread": _model(size, {}), "partitioned": _model(size, {}, group)}
-    return _measure(models, size)
+    return _measure(models, size, "full-1thread")
 
 
 def _run_partitioned(size: dict) -> dict | None:
@@ -194,7 +208,7 @@ def main() -> None:
         ap.error(f"unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
     if "none" not in names:
         names.insert(0, "none")
-    rows = _measure({name: _model(size, MODES[name]) for name in names}, size)
+    rows = _measure({name: _model(size, MODES[name]) for name in names}, size, "none")
     part = None if args.no_partitioned else _run_partitioned(size)
 
     base = rows["none"]
@@ -202,22 +216,25 @@ def main() -> None:
         f"\nact-ckpt  layers={size['layers']} d_model={size['d']} heads={size['heads']} seq={size['seq']} "
         f"batch={size['batch']}  torch {torch.__version__}, {torch.get_num_threads()} threads\n"
     )
-    print(f"| mode | saved MiB | vs none | offloaded MiB | step s | vs none |\n|{'---|' * 6}")
+    print(f"{size['steps']} measured rounds; step s = median, time vs none = median of per-round ratios (range)\n")
+    print(f"| mode | saved MiB | vs none | offloaded MiB | step s | vs none | range |\n|{'---|' * 7}")
 
     def line(name: str, r: dict, ref: dict) -> None:
+        lo, hi = r["ratio_range"]
         print(
             f"| {name} | {r['saved_bytes'] / 2**20:.1f} | {r['saved_bytes'] / ref['saved_bytes']:.2f} | "
-            f"{r['offloaded_bytes'] / 2**20:.1f} | {r['step_s']:.3f} | {r['step_s'] / ref['step_s']:.2f} |"
+            f"{r['offloaded_bytes'] / 2**20:.1f} | {r['step_s']:.3f} | {r['ratio']:.2f} | {lo:.2f}–{hi:.2f} |"
         )
 
     for name, r in rows.items():
         line(name, r, base)
     if part is not None:
-        # Partitioned rows come from 2 single-threaded processes: compare them with each other.
+        # Partitioned rows come from 2 single-threaded processes: their time ratios are against
+        # the 2-rank full row of the same run, their memory against none.
         line("full (2 ranks, per rank)", part["full-1thread"], base)
         line("partitioned (2 ranks, per rank)", part["partitioned"], base)
         ratio = part["partitioned"]["saved_bytes"] / part["full-1thread"]["saved_bytes"]
-        print(f"\npartitioned / full per rank: saved {ratio:.2f}x")
+        print(f"\npartitioned / full per rank: saved {ratio:.2f}x; time vs 2-rank full is the rows' 'vs none'")
 
     if args.json:
         result = {
