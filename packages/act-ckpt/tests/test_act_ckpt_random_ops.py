@@ -127,3 +127,17 @@ def test_second_backward_of_a_replayed_region_is_refused() -> None:
 def test_bad_random_ops_is_named() -> None:
     with pytest.raises(ValueError, match="random_ops must be 'auto', 'recompute' or 'replay'"):
         act_ckpt.Checkpointer(random_ops="save")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("policy", [None, "save_matmuls"])
+def test_cuda_replay_of_fused_dropout(policy: str | None) -> None:
+    # On CUDA F.dropout is the fused native_dropout (output and bool mask): replayed, both are kept.
+    torch.manual_seed(0)
+    model = GPT().cuda()
+    ids = torch.randint(0, 64, (2, 16), device="cuda")
+    _, ref = loss_and_grads(model, ids)
+    act_ckpt.apply_activation_checkpointing(model, policy=policy, random_ops="replay")
+    _, got = loss_and_grads(model, ids)
+    assert_grads_close(got, ref, rtol=1e-6)

@@ -12,12 +12,17 @@ the outputs of ops it saves are kept until the backward, the rest is recomputed.
   ``with act_ckpt.attention_core():`` (or the decorator form); fused attention ops
   (``scaled_dot_product_attention``) count as core without marking.
 
-[Note: random ops are always recomputed]
-An op whose output is saved is not run again in the recompute, so it does not draw from the RNG
-there. If a random op (dropout) were saved and a later one recomputed, the later one would draw
-from a shifted stream and its mask would differ from the forward's: silently wrong gradients.
-:func:`rng_safe` (applied to every policy given to act-ckpt) therefore recomputes every op tagged
-``nondeterministic_seeded``; with the RNG state restored at the recompute they redraw the same masks.
+[Note: random ops are never cached by a policy]
+An op whose output a policy caches is not run again in the recompute. For a random op that would
+be wrong twice over: the recompute would draw nothing there, so every later random op would draw
+from a shifted stream (masks different from the forward's: silently wrong gradients); and CPU
+dropout is ``empty_like().bernoulli_().div_()``, in-place ops whose cached result torch's
+selective checkpointing would return without writing it into the tensor the model goes on using.
+:func:`rng_safe` (applied to every policy given to act-ckpt) therefore makes torch recompute every
+op tagged ``nondeterministic_seeded`` (and every in-place op). Whether the recomputed random op
+then draws again from the restored RNG state or writes back what the forward drew (its dropout
+mask kept as ``bool``) is the Checkpointer's ``random_ops`` choice, made for all random ops of a
+region at once: see [Note: random ops, redrawn or replayed] in :mod:`act_ckpt.random_ops`.
 """
 
 from __future__ import annotations
@@ -172,7 +177,7 @@ def _always_recomputed(op: Any) -> bool:
 def rng_safe(policy: PolicyFn) -> PolicyFn:
     """``policy`` with every random op and every in-place op recomputed.
 
-    Random ops: see [Note: random ops are always recomputed]. In-place ops: a cached in-place op
+    Random ops: see [Note: random ops are never cached by a policy]. In-place ops: a cached in-place op
     would be skipped in the recompute, leaving its target unmodified there (CPU dropout is
     ``empty_like().bernoulli_().div_()``: a saved ``div_`` would leave the recomputed mask unscaled).
     """
