@@ -7,8 +7,8 @@ silently wrong. Two ways get there, chosen per region with ``random_ops=``:
 * ``"recompute"``: the recompute runs every random op again from the RNG state restored at its
   start (torch's ``preserve_rng_state``, and act-ckpt's RNG tracker), so it draws the same numbers.
   Costs nothing in memory; costs drawing the numbers twice. On CPU that is expensive: dropout's
-  ``bernoulli_`` was ~15% of a transformer block's forward+backward in our profile (about as much
-  as all its other non-matmul ops), while CUDA's fused dropout kernel is cheap.
+  ``bernoulli_`` was ~15% of a transformer block's forward+backward in our profile, and more than
+  half of what a selective recompute added; CUDA's fused dropout kernel is cheap.
 * ``"replay"``: the forward keeps what every random op produced (:class:`RecordRandom`) and the
   recompute writes it back instead of drawing (:class:`ReplayRandom`). ``bernoulli`` results (the
   0/1 dropout masks of CPU dropout, ``empty_like(x).bernoulli_(1 - p)``) are kept as ``bool``, one
