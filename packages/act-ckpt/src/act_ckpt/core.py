@@ -4,6 +4,8 @@ Everything runs on ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``; a
 what torch leaves out, each through a public extension point of it:
 
 * selective policies -> ``context_fn=create_selective_checkpoint_contexts(...)``;
+* replayed random ops (``random_ops="replay"``) -> two ``TorchDispatchMode``s in the same
+  ``context_fn`` contexts (see [Note: random ops, redrawn or replayed] in :mod:`act_ckpt.random_ops`);
 * the model-parallel RNG tracker -> the same ``context_fn``: a snapshot of the tracker's streams
   at the forward, restored around the recompute (torch restores only the default generators);
 * partitioned / CPU-offloaded region inputs -> saved-tensor hooks around the call
