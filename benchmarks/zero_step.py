@@ -48,6 +48,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
 from zero_shard import CollectiveChoice, ZeroConfig, ZeroShardedOptimizer, default_optimizer_factory  # noqa: E402
+from zero_shard.comm import gather_partitions  # noqa: E402
 
 LR = 1e-4
 
@@ -200,13 +201,6 @@ def _batch(args: argparse.Namespace, rank: int, step: int) -> tuple[torch.Tensor
     return idx[:, :-1], idx[:, 1:]
 
 
-def _broadcast_gather(flat: torch.Tensor, n: int) -> None:
-    part = flat.numel() // n
-    works = [dist.broadcast(flat[r * part : (r + 1) * part], src=r, async_op=True) for r in range(n)]
-    for w in works:
-        w.wait()
-
-
 def _collective_probe(numel: int, reps: int) -> dict[str, float]:
     """Bus bandwidth (GB/s, nccl-tests convention) of the collectives ZeRO could use, fp32."""
     n = dist.get_world_size()
@@ -219,7 +213,10 @@ def _collective_probe(numel: int, reps: int) -> dict[str, float]:
         "all_gather": (lambda: dist.all_gather_into_tensor(out, part), (n - 1) / n),
         "reduce": (lambda: dist.reduce(x, dst=0), 1.0),
         # What zero_shard.comm does on gloo to share updated partitions: one broadcast per owner, all in flight.
-        "broadcast_gather": (lambda: _broadcast_gather(out, n), (n - 1) / n),
+        "broadcast_gather": (
+            lambda: gather_partitions(out, numel // n, dist.get_rank(), n, method="broadcast", bucket_numel=numel),
+            (n - 1) / n,
+        ),
     }
     res = {}
     for name, (fn, factor) in ops.items():

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from zero_all.config.auto import AutoContext, resolve_auto
 from zero_all.config.batch import resolve_batch_sizes
 from zero_all.config.loader import ConfigError
-from zero_all.config.model import ZeroAllConfig, load_config
+from zero_all.config.model import TORCH_DTYPES, ZeroAllConfig, load_config
 from zero_all.distributed import get_device, init_distributed
 from zero_all.engine import Engine
 from zero_all.optim import OptimizerFactory, optimizer_factory
@@ -56,7 +56,7 @@ def _grad_accum_dtype(cfg: ZeroAllConfig, compute_dtype: torch.dtype) -> torch.d
     name = cfg.data_types.grad_accum_dtype
     if name is None:
         return None
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    dtype = TORCH_DTYPES[name]
     if dtype not in (torch.float32, compute_dtype):
         raise ConfigError(
             f"ds_config.data_types.grad_accum_dtype: {name!r} with a {compute_dtype} model is not supported; "

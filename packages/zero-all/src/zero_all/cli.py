@@ -19,10 +19,9 @@ import torch
 from zero_all.checkpoint.engine_io import MODEL_FILE
 from zero_all.checkpoint.files import CheckpointError, write_tensors
 from zero_all.checkpoint.layout import CheckpointReader, read_latest
+from zero_all.config.model import TORCH_DTYPES
 
 __all__ = ["consolidate_checkpoint", "main"]
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def consolidate_checkpoint(
@@ -52,7 +51,7 @@ def consolidate_checkpoint(
             ({k[len("optim/") :]: v for k, v in tensors.items() if k.startswith("optim/")}, meta["optimizer"])
         )
     params = consolidate(shards)
-    out_dtype = _DTYPES[dtype]
+    out_dtype = TORCH_DTYPES[dtype]
     state = reader.read_shared(MODEL_FILE) if reader.has(MODEL_FILE) else {}
     tied = reader.manifest.get("tied", {})
     result: dict[str, torch.Tensor] = {}
@@ -123,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("ckpt_dir", help="save directory (uses 'latest') or one checkpoint directory")
     c.add_argument("out", help="output .safetensors file")
     c.add_argument("--tag", default=None, help="checkpoint tag (default: the one in 'latest')")
-    c.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32", help="parameter dtype (default fp32)")
+    c.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="fp32", help="parameter dtype (default fp32)")
     sub.add_parser("env", help="report torch, devices, the zero-all packages and the native build (ds_report)")
     args = parser.parse_args(argv)
     if args.command == "env":

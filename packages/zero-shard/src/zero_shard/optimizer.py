@@ -214,7 +214,6 @@ class ZeroShardedOptimizer:
             device=device,
             partition_dtype=grad_accum_dtype,
         )
-        self.grad_accum_dtype = grad_accum_dtype
         self._boundary = True
         self._global_grad_norm: float | None = None
         self.global_steps = 0

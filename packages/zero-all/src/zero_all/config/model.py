@@ -13,6 +13,7 @@ import os
 import warnings
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from zero_all.config import sections as s
@@ -69,6 +70,9 @@ class SchedulerConfig(_Strict):
             raise ConfigError(f"ds_config.scheduler.params: {self.type} needs {', '.join(missing)}")
         return self
 
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""zero-all's dtype names (config values, ``consolidate --dtype``) as torch dtypes."""
 
 # DeepSpeed's DtypeEnum spellings for the 16/32-bit float types, by canonical name.
 _DTYPE_SPELLINGS = {
