@@ -311,3 +311,78 @@ def test_params_without_grad_are_skipped_and_closure_runs() -> None:
     assert opt.step(closure).item() == 6.0
     assert torch.equal(b.detach(), torch.ones(3)) and b not in opt.state
     assert torch.all(a.detach() < 1.0)
+
+
+def test_step_hooks_run_once_and_may_replace_arguments() -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    class Subclassed(CPUAdam):
+        def step(self, closure=None, **kwargs):  # noqa: ANN001, ANN003, ANN201  (torch hooks this one itself)
+            return super().step(closure, **kwargs)
+
+    for cls in (CPUAdam, Subclassed):
+        q = torch.nn.Parameter(torch.ones(5))
+        opt = cls([q], lr=0.1)
+        calls: list[str] = []
+        replacement = torch.full((5,), -1.0)
+
+        def pre(o, args, kwargs):  # noqa: ANN001, ANN202
+            calls.append("pre")
+            assert o is opt and args[0] is opt
+            return args, {**kwargs, "grads": [replacement]}
+
+        handles = [
+            opt.register_step_pre_hook(pre),
+            opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
+            register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+            register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post")),
+        ]
+        try:
+            opt.step(grads=[torch.ones(5)])
+        finally:
+            for h in handles:
+                h.remove()
+        assert calls == ["global pre", "pre", "post", "global post"], cls
+        # The pre-hook's gradient (negative) was used: the params moved up, not down.
+        assert torch.all(q.detach() > 1.0), cls
+
+
+def test_step_appears_in_the_profiler() -> None:
+    q = torch.nn.Parameter(torch.ones(5))
+    q.grad = torch.ones(5)
+    opt = CPUAdam([q])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert "Optimizer.step#CPUAdam.step" in {e.key for e in prof.key_averages()}
+
+
+def test_a_bad_tensor_changes_nothing_in_its_group() -> None:
+    a, b = torch.nn.Parameter(torch.ones(6)), torch.nn.Parameter(torch.ones(6))
+    opt = CPUAdam([a, b], lr=0.1)
+    a.grad, b.grad = torch.ones(6), torch.ones(6)
+    opt.step()
+    before = a.detach().clone()
+    with pytest.raises(TypeError, match=r"gradient of param 1 \(group 0\): dtype float64"):
+        opt.step(grads=[torch.ones(6), torch.ones(6, dtype=torch.float64)])
+    assert torch.equal(a.detach(), before)
+    assert opt.state[a]["step"].item() == 1 and opt.state[b]["step"].item() == 1
+
+
+@pytest.mark.parametrize("saved_step", [3, 3.0, torch.tensor(3.0, dtype=torch.float64), torch.tensor([3.0])])
+def test_step_count_in_any_saved_form_resumes(saved_step: object) -> None:
+    q = torch.nn.Parameter(torch.randn(10))
+    q.grad = torch.randn(10)
+    opt = CPUAdam([q], lr=1e-2)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = saved_step
+    ref = torch.optim.AdamW([torch.nn.Parameter(q.detach().clone())], lr=1e-2, weight_decay=0.0)
+    ref_sd = ref.state_dict()
+    ref_sd["state"] = {0: {k: (torch.tensor(3.0) if k == "step" else v.clone()) for k, v in sd["state"][0].items()}}
+    ref.load_state_dict(ref_sd)
+    opt.load_state_dict(sd)
+    ref.param_groups[0]["params"][0].grad = q.grad.clone()
+    opt.step()
+    ref.step()
+    assert opt.state[q]["step"].dtype == torch.float32 and opt.state[q]["step"].item() == 4.0
+    assert _max_abs([q.detach()], [ref.param_groups[0]["params"][0].detach()]) < 1e-6

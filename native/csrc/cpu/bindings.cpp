@@ -1,5 +1,6 @@
 // Python bindings of the CPU kernels (module ds_native._ds_native_cpu).
-// Tensors arrive through DLPack as nb::ndarray; no dependency on torch's C++ ABI.
+// Tensors arrive through DLPack as nb::ndarray, or (adam_step) as checked raw
+// addresses; no dependency on torch's C++ ABI.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/string.h>
@@ -19,7 +20,6 @@ using CpuArray = nb::ndarray<nb::device::cpu, nb::c_contig, nb::ro>;
 // Buffers updated in place: exact dtype, contiguous, never a converted copy
 // (the bindings that take them use .noconvert()).
 using F32Array = nb::ndarray<float, nb::device::cpu, nb::c_contig>;
-using OutArray = nb::ndarray<nb::device::cpu, nb::c_contig>;
 
 namespace {
 
@@ -34,54 +34,75 @@ ds::DType dtype_of(const CpuArray& a, size_t index) {
                               ": dtype must be float32, bfloat16 or float16");
 }
 
-void check_same_numel(const char* what, size_t i, int64_t got, int64_t want) {
-  if (got != want) {
-    throw std::invalid_argument(std::string(what) + "[" + std::to_string(i) + "] has " + std::to_string(got) +
-                                " elements, but params[" + std::to_string(i) + "] has " + std::to_string(want));
-  }
+// One tensor's entry in adam_step's flat record list (int64 fields, in order).
+// Raw addresses, not DLPack: exporting four tensors per parameter through
+// torch's __dlpack__ cost more than the kernel saves on a 10M-element tensor
+// once the step has flushed the caches (~250 us of Python per call).
+enum AdamRecordField : size_t {
+  kParam,       // float32*
+  kGrad,        // grad dtype (see kDtypes)
+  kExpAvg,      // float32*
+  kExpAvgSq,    // float32*
+  kOut,         // bf16/fp16 copy-out, or 0
+  kStepPtr,     // float32 scalar incremented in place (torch's state["step"]), or 0: use kStep
+  kStep,        // the step count after this update when kStepPtr is 0
+  kNumel,
+  kDtypes,      // grad dtype | out dtype << 8, as DType values
+  kRecordSize,
+};
+
+ds::DType dtype_field(int64_t code, const char* what, size_t i) {
+  if (code == static_cast<int64_t>(ds::DType::f32)) return ds::DType::f32;
+  if (code == static_cast<int64_t>(ds::DType::bf16)) return ds::DType::bf16;
+  if (code == static_cast<int64_t>(ds::DType::f16)) return ds::DType::f16;
+  throw std::invalid_argument("adam_step: record " + std::to_string(i) + ": invalid " + what + " dtype code " +
+                              std::to_string(code));
 }
 
-void adam_step_binding(const std::vector<F32Array>& params, const std::vector<CpuArray>& grads,
-                       const std::vector<F32Array>& exp_avgs, const std::vector<F32Array>& exp_avg_sqs,
-                       const std::vector<OutArray>& outs, const std::vector<int64_t>& steps, double lr, double beta1,
-                       double beta2, double eps, double weight_decay, bool adamw_mode, bool bias_correction,
-                       int num_threads) {
-  const size_t count = params.size();
-  if (grads.size() != count || exp_avgs.size() != count || exp_avg_sqs.size() != count || steps.size() != count ||
-      (!outs.empty() && outs.size() != count)) {
-    throw std::invalid_argument("adam_step: params, grads, exp_avgs, exp_avg_sqs, steps (and outs unless empty) "
-                                "must have the same length");
+void adam_step_binding(const std::vector<int64_t>& records, double lr, double beta1, double beta2, double eps,
+                       double weight_decay, bool adamw_mode, bool bias_correction, int num_threads) {
+  if (records.size() % kRecordSize != 0) {
+    throw std::invalid_argument("adam_step: records must hold " + std::to_string(kRecordSize) +
+                                " int64 fields per tensor");
   }
+  const size_t count = records.size() / kRecordSize;
   std::vector<ds::AdamTensor> tensors;
   tensors.reserve(count);
+  // Validate everything before touching any step counter, so a bad record changes nothing.
   for (size_t i = 0; i < count; ++i) {
-    const int64_t n = static_cast<int64_t>(params[i].size());
-    check_same_numel("grads", i, static_cast<int64_t>(grads[i].size()), n);
-    check_same_numel("exp_avgs", i, static_cast<int64_t>(exp_avgs[i].size()), n);
-    check_same_numel("exp_avg_sqs", i, static_cast<int64_t>(exp_avg_sqs[i].size()), n);
-    if (steps[i] < 1) throw std::invalid_argument("adam_step: steps[" + std::to_string(i) + "] must be >= 1");
+    const int64_t* r = records.data() + i * kRecordSize;
     ds::AdamTensor t{};
-    t.param = params[i].data();
-    t.grad = grads[i].data();
-    t.grad_dtype = dtype_of(grads[i], i);
-    t.exp_avg = exp_avgs[i].data();
-    t.exp_avg_sq = exp_avg_sqs[i].data();
-    t.numel = n;
-    t.out = nullptr;
-    t.out_dtype = ds::DType::f32;
-    if (!outs.empty()) {
-      check_same_numel("outs", i, static_cast<int64_t>(outs[i].size()), n);
-      const nb::dlpack::dtype dt = outs[i].dtype();
-      const bool bf16 = dt.bits == 16 && dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Bfloat);
-      const bool f16 = dt.bits == 16 && dt.code == static_cast<uint8_t>(nb::dlpack::dtype_code::Float);
-      if (!bf16 && !f16) {
-        throw std::invalid_argument("adam_step: outs[" + std::to_string(i) + "] must be bfloat16 or float16");
-      }
-      t.out = outs[i].data();
-      t.out_dtype = bf16 ? ds::DType::bf16 : ds::DType::f16;
+    t.numel = r[kNumel];
+    if (t.numel < 0) throw std::invalid_argument("adam_step: record " + std::to_string(i) + ": negative numel");
+    t.grad_dtype = dtype_field(r[kDtypes] & 0xff, "grad", i);
+    t.out_dtype = dtype_field(r[kDtypes] >> 8, "out", i);
+    if (r[kOut] != 0 && t.out_dtype == ds::DType::f32) {
+      throw std::invalid_argument("adam_step: record " + std::to_string(i) + ": out must be bfloat16 or float16");
     }
-    t.coeffs = ds::make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, adamw_mode, bias_correction, steps[i]);
+    if (t.numel > 0 && (r[kParam] == 0 || r[kGrad] == 0 || r[kExpAvg] == 0 || r[kExpAvgSq] == 0)) {
+      throw std::invalid_argument("adam_step: record " + std::to_string(i) + ": null tensor address");
+    }
+    if (r[kStepPtr] == 0 && r[kStep] < 1) {
+      throw std::invalid_argument("adam_step: record " + std::to_string(i) + ": step must be >= 1");
+    }
+    t.param = reinterpret_cast<float*>(r[kParam]);
+    t.grad = reinterpret_cast<const void*>(r[kGrad]);
+    t.exp_avg = reinterpret_cast<float*>(r[kExpAvg]);
+    t.exp_avg_sq = reinterpret_cast<float*>(r[kExpAvgSq]);
+    t.out = reinterpret_cast<void*>(r[kOut]);
     tensors.push_back(t);
+  }
+  for (size_t i = 0; i < count; ++i) {
+    const int64_t* r = records.data() + i * kRecordSize;
+    int64_t step = r[kStep];
+    if (r[kStepPtr] != 0) {
+      // torch keeps the count as a float32 tensor (exact to 2^24 steps).
+      float* counter = reinterpret_cast<float*>(r[kStepPtr]);
+      *counter += 1.0f;
+      step = static_cast<int64_t>(*counter);
+    }
+    tensors[i].coeffs =
+        ds::make_adam_coeffs(lr, beta1, beta2, eps, weight_decay, adamw_mode, bias_correction, step);
   }
   nb::gil_scoped_release release;
   ds::adam_step(tensors, num_threads);
@@ -121,13 +142,13 @@ NB_MODULE(_ds_native_cpu, m) {
       nb::arg("tensors"), nb::arg("num_threads") = 0,
       "Sum of squares over contiguous CPU tensors (fp32/bf16/fp16), double accumulation.");
 
-  m.def("adam_step", &adam_step_binding, nb::arg("params").noconvert(), nb::arg("grads"),
-        nb::arg("exp_avgs").noconvert(), nb::arg("exp_avg_sqs").noconvert(), nb::arg("outs").noconvert(),
-        nb::arg("steps"), nb::arg("lr"), nb::arg("beta1"), nb::arg("beta2"), nb::arg("eps"), nb::arg("weight_decay"),
-        nb::arg("adamw_mode"), nb::arg("bias_correction"), nb::arg("num_threads") = 0,
-        "Adam/AdamW step over contiguous CPU tensors in place (fp32 params and moments; fp32/bf16/fp16 grads), "
-        "with optional bf16/fp16 copy-out of the updated params. steps[i] is tensor i's step count after this "
-        "update. The GIL is released while the kernel runs.");
+  m.def("adam_step", &adam_step_binding, nb::arg("records"), nb::arg("lr"), nb::arg("beta1"), nb::arg("beta2"),
+        nb::arg("eps"), nb::arg("weight_decay"), nb::arg("adamw_mode"), nb::arg("bias_correction"),
+        nb::arg("num_threads") = 0,
+        "Adam/AdamW step in place over tensors given by address: 9 int64 fields per tensor (param, grad, "
+        "exp_avg, exp_avg_sq, out or 0, step counter or 0, step, numel, grad dtype | out dtype << 8). "
+        "Internal: the caller checks dtypes, devices, sizes and contiguity and keeps the tensors alive "
+        "(ds_native.optim.cpu_adam does). The GIL is released while the kernel runs.");
 
   m.def(
       "stream_adam_shape",

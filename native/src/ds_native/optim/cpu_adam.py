@@ -14,9 +14,29 @@ from typing import Any
 import torch
 
 from ds_native import _ds_native_cpu
-from ds_native.optim._common import GRAD_DTYPES, OUT_DTYPES, AdamBase, check_tensor
+from ds_native.optim._common import GRAD_DTYPES, OUT_DTYPES, AdamBase, check_tensor, step_hooks
 
 _F32 = (torch.float32,)
+_FLOAT32 = torch.float32
+# ds::DType codes of the kernel's record format (csrc/cpu/dispatch.h).
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_OUT_CODES = {torch.bfloat16: 1, torch.float16: 2}
+
+
+def _record(
+    p: torch.Tensor,
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor | None,
+    step_counter: torch.Tensor | None,
+    step: int,
+) -> tuple[int, ...]:
+    """The kernel's 9 int64 fields for one tensor (see ``adam_step`` in csrc/cpu/bindings.cpp)."""
+    out_ptr, out_code = (0, 0) if o is None else (o.data_ptr(), _OUT_CODES[o.dtype])
+    counter = 0 if step_counter is None else step_counter.data_ptr()
+    dtypes = _DTYPE_CODES[g.dtype] | out_code << 8
+    return (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), out_ptr, counter, step, p.numel(), dtypes)
 
 
 def cpu_adam_step(
@@ -52,23 +72,27 @@ def cpu_adam_step(
             raise ValueError(f"{name}: has {len(seq)} entries but params has {n}")
     if out is not None and len(out) != n:
         raise ValueError(f"out: has {len(out)} entries but params has {n}")
+    records: list[int] = []
     for i in range(n):
         check_tensor(params[i], f"params[{i}]", device_type="cpu", dtypes=_F32)
-        check_tensor(grads[i], f"grads[{i}]", device_type="cpu", dtypes=GRAD_DTYPES)
-        check_tensor(exp_avgs[i], f"exp_avgs[{i}]", device_type="cpu", dtypes=_F32)
-        check_tensor(exp_avg_sqs[i], f"exp_avg_sqs[{i}]", device_type="cpu", dtypes=_F32)
+        numel = params[i].numel()
+        checks = [(grads, "grads", GRAD_DTYPES), (exp_avgs, "exp_avgs", _F32), (exp_avg_sqs, "exp_avg_sqs", _F32)]
         if out is not None:
-            check_tensor(out[i], f"out[{i}]", device_type="cpu", dtypes=OUT_DTYPES)
+            checks.append((out, "out", OUT_DTYPES))
+        for seq, name, dtypes in checks:
+            check_tensor(seq[i], f"{name}[{i}]", device_type="cpu", dtypes=dtypes)
+            if seq[i].numel() != numel:
+                raise ValueError(f"{name}[{i}]: has {seq[i].numel()} elements, but params[{i}] has {numel}")
+        if int(steps[i]) < 1:
+            raise ValueError(f"steps[{i}]: {steps[i]} invalid; the step count after this update is >= 1")
+        o = None if out is None else out[i]
+        records.extend(_record(params[i], grads[i], exp_avgs[i], exp_avg_sqs[i], o, None, int(steps[i])))
     if n == 0:
         return
     threads = torch.get_num_threads() if num_threads is None else int(num_threads)
+    # The caller's sequences keep every tensor alive while the GIL is released.
     _ds_native_cpu.adam_step(
-        [p.detach() for p in params],
-        [g.detach() for g in grads],
-        list(exp_avgs),
-        list(exp_avg_sqs),
-        [] if out is None else [o.detach() for o in out],
-        [int(s) for s in steps],
+        records,
         float(lr),
         float(betas[0]),
         float(betas[1]),
@@ -112,7 +136,10 @@ class CPUAdam(AdamBase):
         self.num_threads = num_threads
         super().__init__(params, lr, betas, eps, weight_decay, adamw_mode, bias_correction)
 
-    @torch.no_grad()
+    # No torch.no_grad() here: the step runs no autograd-visible torch op (the kernel
+    # writes through raw addresses), and every wrapper this method passes through runs
+    # with cold caches after a step has streamed the whole optimizer state.
+    @step_hooks
     def step(  # type: ignore[override]
         self,
         closure: Callable[[], float] | None = None,
@@ -133,41 +160,77 @@ class CPUAdam(AdamBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        flat = [p for group in self.param_groups for p in group["params"]]
-        for name, seq in (("grads", grads), ("out", out)):
-            if seq is not None and len(seq) != len(flat):
-                raise ValueError(f"step({name}=...): {len(seq)} entries, but the optimizer has {len(flat)} parameters")
+        if grads is not None or out is not None:
+            count = sum(len(group["params"]) for group in self.param_groups)
+            for name, seq in (("grads", grads), ("out", out)):
+                if seq is not None and len(seq) != count:
+                    raise ValueError(f"step({name}=...): {len(seq)} entries, but the optimizer has {count} parameters")
         threads = self.num_threads if self.num_threads is not None else torch.get_num_threads()
+        f32 = _FLOAT32
+        codes = _DTYPE_CODES
         index = 0
         for group_index, group in enumerate(self.param_groups):
-            hyper = self.group_hyper(group)
-            # Two calls per group at most: with and without copy-out.
-            batches: dict[bool, list[list[Any]]] = {False: [[], [], [], [], [], []], True: [[], [], [], [], [], []]}
+            # Records of the tensors with and without copy-out; the kernel takes one kind per call.
+            plain: list[int] = []
+            with_out: list[int] = []
+            alive: list[torch.Tensor] = []  # p.grad may be replaced while the GIL is released
             for p in group["params"]:
                 g = p.grad if grads is None else grads[index]
                 o = None if out is None else out[index]
                 index += 1
                 if g is None:
                     continue
-                where = f"param {index - 1} (group {group_index})"
-                check_tensor(p, where, device_type="cpu", dtypes=_F32)
-                check_tensor(g, f"gradient of {where}", device_type="cpu", dtypes=GRAD_DTYPES)
-                if g.numel() != p.numel():
-                    raise ValueError(f"gradient of {where}: {g.numel()} elements, the param has {p.numel()}")
-                if o is not None:
-                    check_tensor(o, f"out for {where}", device_type="cpu", dtypes=OUT_DTYPES)
-                    if o.numel() != p.numel():
-                        raise ValueError(f"out for {where}: {o.numel()} elements, the param has {p.numel()}")
-                state = self.state_for(p)
-                new_step = int(state["step"].item()) + 1
-                state["step"].fill_(new_step)
-                batch = batches[o is not None]
-                items = (p.detach(), g.detach(), state["exp_avg"], state["exp_avg_sq"], o, new_step)
-                for lst, item in zip(batch, items, strict=True):
-                    lst.append(item)
-            for has_out, (ps, gs, ms, vs, os, steps) in batches.items():
-                if not ps:
-                    continue
-                outs = [o.detach() for o in os] if has_out else []
-                _ds_native_cpu.adam_step(ps, gs, ms, vs, outs, steps, **hyper, num_threads=threads)
+                state = self.state[p]
+                # Fast path: everything already as the kernel needs it. Any surprise (a new or
+                # loaded state, a wrong dtype or device, a sparse tensor) takes the checked path,
+                # which normalises the state or raises an error naming the tensor.
+                try:
+                    m, v, counter = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                    n = p.numel()
+                    ok = (
+                        p.dtype is f32
+                        and m.dtype is f32
+                        and v.dtype is f32
+                        and counter.dtype is f32
+                        and g.dtype in codes
+                        and p.is_cpu
+                        and g.is_cpu
+                        and m.is_cpu
+                        and v.is_cpu
+                        and counter.is_cpu
+                        and counter.numel() == 1
+                        and g.numel() == n
+                        and m.numel() == n
+                        and v.numel() == n
+                        and p.is_contiguous()
+                        and g.is_contiguous()
+                        and m.is_contiguous()
+                        and v.is_contiguous()
+                    )
+                    if ok and o is not None:
+                        ok = o.dtype in _OUT_CODES and o.is_cpu and o.numel() == n and o.is_contiguous()
+                except (KeyError, AttributeError, RuntimeError):
+                    ok = False
+                if not ok:
+                    state = self._checked_state(p, g, o, f"param {index - 1} (group {group_index})")
+                    m, v, counter = state["exp_avg"], state["exp_avg_sq"], state["step"]
+                alive.append(g)
+                (plain if o is None else with_out).extend(_record(p, g, m, v, o, counter, 0))
+            if plain or with_out:
+                hyper = self.group_hyper(group)
+                for records in (plain, with_out):
+                    if records:
+                        _ds_native_cpu.adam_step(records, **hyper, num_threads=threads)
         return loss
+
+    def _checked_state(self, p: torch.Tensor, g: torch.Tensor, o: torch.Tensor | None, where: str) -> dict[str, Any]:
+        """Check one parameter's tensors with errors that name them; return its (normalised) state."""
+        check_tensor(p, where, device_type="cpu", dtypes=_F32)
+        check_tensor(g, f"gradient of {where}", device_type="cpu", dtypes=GRAD_DTYPES)
+        if g.numel() != p.numel():
+            raise ValueError(f"gradient of {where}: {g.numel()} elements, the param has {p.numel()}")
+        if o is not None:
+            check_tensor(o, f"out for {where}", device_type="cpu", dtypes=OUT_DTYPES)
+            if o.numel() != p.numel():
+                raise ValueError(f"out for {where}: {o.numel()} elements, the param has {p.numel()}")
+        return self.state_for(p)
