@@ -313,38 +313,39 @@ def test_params_without_grad_are_skipped_and_closure_runs() -> None:
     assert torch.all(a.detach() < 1.0)
 
 
-def test_step_hooks_run_once_and_may_replace_arguments() -> None:
+class _SubclassedCPUAdam(CPUAdam):
+    def step(self, closure=None, **kwargs):  # torch's Optimizer hooks this override itself
+        return super().step(closure, **kwargs)
+
+
+@pytest.mark.parametrize("cls", [CPUAdam, _SubclassedCPUAdam], ids=["CPUAdam", "subclass"])
+def test_step_hooks_run_once_and_may_replace_arguments(cls: type) -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-    class Subclassed(CPUAdam):
-        def step(self, closure=None, **kwargs):  # noqa: ANN001, ANN003, ANN201  (torch hooks this one itself)
-            return super().step(closure, **kwargs)
+    q = torch.nn.Parameter(torch.ones(5))
+    opt = cls([q], lr=0.1)
+    calls: list[str] = []
+    replacement = torch.full((5,), -1.0)
 
-    for cls in (CPUAdam, Subclassed):
-        q = torch.nn.Parameter(torch.ones(5))
-        opt = cls([q], lr=0.1)
-        calls: list[str] = []
-        replacement = torch.full((5,), -1.0)
+    def pre(o, args, kwargs):
+        calls.append("pre")
+        assert o is opt and args[0] is opt
+        return args, {**kwargs, "grads": [replacement]}
 
-        def pre(o, args, kwargs):  # noqa: ANN001, ANN202
-            calls.append("pre")
-            assert o is opt and args[0] is opt
-            return args, {**kwargs, "grads": [replacement]}
-
-        handles = [
-            opt.register_step_pre_hook(pre),
-            opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
-            register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
-            register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post")),
-        ]
-        try:
-            opt.step(grads=[torch.ones(5)])
-        finally:
-            for h in handles:
-                h.remove()
-        assert calls == ["global pre", "pre", "post", "global post"], cls
-        # The pre-hook's gradient (negative) was used: the params moved up, not down.
-        assert torch.all(q.detach() > 1.0), cls
+    handles = [
+        opt.register_step_pre_hook(pre),
+        opt.register_step_post_hook(lambda o, a, k: calls.append("post")),
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append("global pre")),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append("global post")),
+    ]
+    try:
+        opt.step(grads=[torch.ones(5)])
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == ["global pre", "pre", "post", "global post"]
+    # The pre-hook's gradient (negative) was used: the params moved up, not down.
+    assert torch.all(q.detach() > 1.0)
 
 
 def test_step_appears_in_the_profiler() -> None:
