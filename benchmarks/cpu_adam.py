@@ -8,11 +8,18 @@ Variants:
   fp32     fp32 params, grads, moments                                     28 B/param
   offload  bf16 grads in, fp32 master + moments updated, bf16 params out  30 B/param
            (torch composes it from three passes: upcast grads, fused step, downcast params)
+  own      fp32, but each optimizer streams the moments it allocated itself: ds_native's
+           on transparent huge pages (ds_native.memory), the others' wherever torch puts them
 
-Implementations: ds_native CPUAdam, torch Adam(fused=True), torch Adam(foreach=True), and
-DeepSpeedCPUAdam / DeepSpeed FusedAdam when ``deepspeed`` is importable.
+In fp32 and offload every implementation streams the same params, grads and moments (a
+kernel comparison); all buffers, and the probe's, are on huge pages unless ``--buffers torch``
+(torch's allocator: 4 KiB pages where transparent huge pages are in ``madvise`` mode).
+
+Implementations: ds_native CPUAdam, torch Adam(fused=True), torch Adam(foreach=True; not in
+``own``), and DeepSpeedCPUAdam / DeepSpeed FusedAdam when ``deepspeed`` is importable.
 
     python benchmarks/cpu_adam.py [--quick] [--json PATH] [--sizes 10e6 50e6] [--threads 1 2]
+                                  [--buffers huge|torch]
 """
 
 from __future__ import annotations
@@ -28,10 +35,10 @@ from datetime import UTC, datetime
 import torch
 
 import ds_native
-from ds_native import _ds_native_cpu
+from ds_native import _ds_native_cpu, memory
 from ds_native.optim import CPUAdam
 
-BYTES = {"fp32": 28, "offload": 30}
+BYTES = {"fp32": 28, "offload": 30, "own": 28}
 HYPER = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 
 
@@ -77,11 +84,32 @@ def _paired_speedup(ours: list[float], theirs: list[float]) -> float:
 PROBE_MAX_ELEMS = 50_000_000
 
 
-def _probe(n: int, threads: int) -> tuple[int, Callable[[], object]]:
+def _allocator(buffers: str) -> Callable[[int, torch.dtype], torch.Tensor]:
+    """Uninitialised CPU tensors: on huge pages (``huge``) or from torch's allocator (``torch``)."""
+    if buffers == "huge":
+        return lambda n, dtype=torch.float32: memory.empty_huge(n, dtype)
+    return lambda n, dtype=torch.float32: torch.empty(n, dtype=dtype)
+
+
+def _probe(
+    n: int, threads: int, alloc: Callable[..., torch.Tensor]
+) -> tuple[int, Callable[[], object], list[torch.Tensor]]:
     """The Adam-shaped stream kernel (reads 4 fp32 streams, writes 3 back) on min(n, 50M) elements."""
     m = min(n, PROBE_MAX_ELEMS)
-    a, b, c, d = (torch.rand(m) for _ in range(4))
-    return m, lambda: _ds_native_cpu.stream_adam_shape(a, b, c, d, threads)
+    a, b, c, d = (alloc(m).uniform_() for _ in range(4))
+    return m, lambda: _ds_native_cpu.stream_adam_shape(a, b, c, d, threads), [a, b, c, d]
+
+
+def _huge_pct(tensors: list[torch.Tensor]) -> float:
+    """% of these tensors' bytes that Linux backs with huge pages (see ds_native.memory)."""
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    return 100.0 * sum(memory.huge_page_backed_bytes(t) for t in tensors) / total
+
+
+def _streamed(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
+    p = opt.param_groups[0]["params"][0]
+    state = opt.state[p]
+    return [p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"]]
 
 
 def _deepspeed() -> tuple[type | None, type | None]:
@@ -95,28 +123,28 @@ def _deepspeed() -> tuple[type | None, type | None]:
 Step = tuple[torch.optim.Optimizer, Callable[[], object]]
 
 
-def _cases(variant: str, n: int) -> dict[str, Callable[[], Step]]:
+def _cases(variant: str, n: int, alloc: Callable[..., torch.Tensor]) -> dict[str, Callable[[], Step]]:
     """Name -> factory returning (optimizer, one step of that implementation); state built lazily.
 
     Params, grads and the copy-out buffer are shared by all implementations; so are the
-    moments once `_share_state` has run after the first step."""
-    p = torch.nn.Parameter(torch.randn(n) * 0.1)
-    g32 = torch.randn(n) * 1e-3
+    moments once `_share_state` has run after the first step (not in the ``own`` variant)."""
+    p = torch.nn.Parameter(alloc(n).normal_(0.0, 0.1))
+    g32 = alloc(n).normal_(0.0, 1e-3)
     p.grad = g32
     if variant == "offload":
-        g_low = g32.to(torch.bfloat16)
-        out = torch.empty(n, dtype=torch.bfloat16)
+        g_low = alloc(n, torch.bfloat16).copy_(g32)
+        out = alloc(n, torch.bfloat16)
 
     def ours() -> Step:
         opt = CPUAdam([p], **HYPER)
-        if variant == "fp32":
+        if variant != "offload":
             return opt, opt.step
         return opt, lambda: opt.step(grads=[g_low], out=[out])
 
     def torch_opt(**kw: bool) -> Callable[[], Step]:
         def make() -> Step:
             opt = torch.optim.Adam([p], **HYPER, decoupled_weight_decay=True, **kw)
-            if variant == "fp32":
+            if variant != "offload":
                 return opt, opt.step
 
             def three_passes() -> None:
@@ -128,7 +156,9 @@ def _cases(variant: str, n: int) -> dict[str, Callable[[], Step]]:
 
         return make
 
-    cases = {"ds_native": ours, "torch fused": torch_opt(fused=True), "torch foreach": torch_opt(foreach=True)}
+    cases = {"ds_native": ours, "torch fused": torch_opt(fused=True)}
+    if variant != "own":  # 6x slower than the rest and needs several temporaries of the model's size
+        cases["torch foreach"] = torch_opt(foreach=True)
     ds_cpu, ds_fused = _deepspeed()
     for name, cls in (("DeepSpeedCPUAdam", ds_cpu), ("DeepSpeed FusedAdam", ds_fused)):
         if cls is None:
@@ -136,7 +166,7 @@ def _cases(variant: str, n: int) -> dict[str, Callable[[], Step]]:
 
         def make_ds(cls: type = cls) -> Step:
             opt = cls([p], lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"], weight_decay=0.01)
-            if variant == "fp32":
+            if variant != "offload":
                 return opt, opt.step
 
             # DeepSpeed's CPU Adam has no copy-out (0.19.x); ZeRO-Offload upcasts the grads and copies the
@@ -152,27 +182,34 @@ def _cases(variant: str, n: int) -> dict[str, Callable[[], Step]]:
     return cases
 
 
-def run(sizes: list[int], thread_counts: list[int], steps: int) -> dict:
+def run(sizes: list[int], thread_counts: list[int], steps: int, buffers: str = "huge") -> dict:
     rows = []
-    bandwidth = {}
+    bandwidth, huge = {}, {}
+    alloc = _allocator(buffers)
     for n in sizes:
         for threads in thread_counts:
             torch.set_num_threads(threads)  # ds_native follows torch's thread count
-            for variant in ("fp32", "offload"):
-                fns = {}
-                exp_avg, exp_avg_sq = torch.zeros(n), torch.zeros(n)
-                for name, make in _cases(variant, n).items():
+            for variant in ("fp32", "offload", "own"):
+                fns, opts = {}, {}
+                exp_avg, exp_avg_sq = alloc(n).zero_(), alloc(n).zero_()
+                for name, make in _cases(variant, n, alloc).items():
                     try:
-                        opt, fns[name] = make()
+                        opts[name], fns[name] = make()
+                        opt = opts[name]
                         fns[name]()  # creates the state; a peer that cannot run here is reported, not fatal
-                        _share_state(opt, exp_avg, exp_avg_sq)
+                        if variant != "own":
+                            _share_state(opt, exp_avg, exp_avg_sq)
                     except Exception as exc:  # noqa: BLE001  (any failure of a peer is reported)
                         print(f"  {name} {variant} skipped: {exc!r}")
                         fns.pop(name, None)
-                probe_n, fns["probe"] = _probe(n, threads)
+                        opts.pop(name, None)
+                del exp_avg, exp_avg_sq
+                probe_n, fns["probe"], probe_buffers = _probe(n, threads, alloc)
                 times = _interleaved_times(fns, steps)
                 bw = 28 * probe_n / statistics.median(times.pop("probe"))
                 bandwidth[f"{n}/{threads}/{variant}"] = bw
+                huge[f"{n}/{threads}/{variant}"] = _huge_pct(probe_buffers)
+                del probe_buffers
                 floor = bw / BYTES[variant]
                 for name, ts in times.items():
                     t = statistics.median(ts)
@@ -186,32 +223,42 @@ def run(sizes: list[int], thread_counts: list[int], steps: int) -> dict:
                             "pct_of_floor": 100 * (n / t) / floor,
                             "bandwidth_GBps": bw / 1e9,
                             "ours_speedup": _paired_speedup(times["ds_native"], ts),
+                            "huge_page_pct": _huge_pct(_streamed(opts[name])),
                         }
                     )
-                del fns
-    return {"rows": rows, "bandwidth": bandwidth}
+                del fns, opts
+    return {"rows": rows, "bandwidth": bandwidth, "probe_huge_page_pct": huge}
 
 
 def print_table(result: dict) -> None:
     rows = result["rows"]
-    print(f"{'params':>6} {'thr':>3} {'variant':<8} {'impl':<20} {'Gparam/s':>9} {'% floor':>8} {'ours/impl':>9}")
+    print(
+        f"{'params':>6} {'thr':>3} {'variant':<8} {'impl':<20} {'Gparam/s':>9} {'% floor':>8} {'ours/impl':>9} "
+        f"{'huge pg':>7}"
+    )
     for r in rows:
         print(
             f"{r['params'] / 1e6:>5.0f}M {r['threads']:>3} {r['variant']:<8} {r['impl']:<20} "
-            f"{r['params_per_s'] / 1e9:>9.3f} {r['pct_of_floor']:>7.1f}% {r['ours_speedup']:>8.2f}x"
+            f"{r['params_per_s'] / 1e9:>9.3f} {r['pct_of_floor']:>7.1f}% {r['ours_speedup']:>8.2f}x "
+            f"{r['huge_page_pct']:>6.0f}%"
         )
-    print("(ours/impl: median over rounds of the two implementations' times in the same round)")
+    print("(ours/impl: median over rounds of the two implementations' times in the same round;")
+    print(" huge pg: share of the params, grads and moments it streams that Linux backed with huge pages)")
     for key, bw in result["bandwidth"].items():
         n, threads, variant = key.split("/")
         print(
             f"Adam-shaped stream bandwidth during {int(n) / 1e6:.0f}M {variant}, {threads} threads: {bw / 1e9:.1f} GB/s"
+            f" ({result['probe_huge_page_pct'][key]:.0f}% on huge pages)"
         )
 
 
 def print_summary(result: dict) -> None:
     """The issue's goals per case: % of floor, ratio to the best torch and best DeepSpeed peer."""
     keys = sorted({(r["params"], r["threads"], r["variant"]) for r in result["rows"]})
-    print("\nsummary (goal: fp32 >= 90% of floor and >= every peer; offload >= 85%, >= 1.3x torch, >= DeepSpeed)")
+    print(
+        "\nsummary (goal: fp32 >= 90% of floor and >= every peer; offload >= 85%, >= 1.3x torch, >= DeepSpeed;"
+        "\n         own: each optimizer's own moment allocation, for information)"
+    )
     for n, threads, variant in keys:
         rows = {
             r["impl"]: r for r in result["rows"] if (r["params"], r["threads"], r["variant"]) == (n, threads, variant)
@@ -234,16 +281,24 @@ def main() -> None:
     parser.add_argument("--sizes", type=float, nargs="+", help="parameter counts (default 10e6 50e6 200e6)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, help="timed steps per case, median reported (default 10; quick 5)")
+    parser.add_argument(
+        "--buffers",
+        choices=["huge", "torch"],
+        default="huge",
+        help="where the shared buffers and the probe's live: huge pages (default) or torch's allocator",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in (args.sizes or ([10e6, 50e6] if args.quick else [10e6, 50e6, 200e6]))]
     steps = args.steps or (5 if args.quick else 10)
-    result = run(sizes, args.threads, steps)
+    result = run(sizes, args.threads, steps, args.buffers)
     result["meta"] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads max",
         "torch": torch.__version__,
         "ds_native": ds_native.build_info(),
         "steps": steps,
+        "buffers": args.buffers,
+        "thp_mode": memory.thp_mode(),
     }
     print_table(result)
     print_summary(result)

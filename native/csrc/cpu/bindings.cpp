@@ -6,9 +6,14 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu/adam.h"
 #include "cpu/dispatch.h"
@@ -108,6 +113,25 @@ void adam_step_binding(const std::vector<int64_t>& records, double lr, double be
   ds::adam_step(tensors, num_threads);
 }
 
+// Ask Linux to back the whole huge pages inside [address, address + nbytes)
+// with transparent huge pages (madvise MADV_HUGEPAGE); the partial pages at
+// either end are left alone. Returns the bytes advised: 0 where the range holds
+// no whole huge page, the kernel refuses, or the platform has no THP.
+int64_t advise_huge_pages(uintptr_t address, int64_t nbytes, int64_t huge_page_bytes) {
+  if (nbytes <= 0 || huge_page_bytes <= 0 || (huge_page_bytes & (huge_page_bytes - 1)) != 0) return 0;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t mask = static_cast<uintptr_t>(huge_page_bytes) - 1;
+  const uintptr_t begin = (address + mask) & ~mask;
+  const uintptr_t end = (address + static_cast<uintptr_t>(nbytes)) & ~mask;
+  if (end <= begin) return 0;
+  if (madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) != 0) return 0;
+  return static_cast<int64_t>(end - begin);
+#else
+  (void)address;
+  return 0;
+#endif
+}
+
 }  // namespace
 
 NB_MODULE(_ds_native_cpu, m) {
@@ -149,6 +173,10 @@ NB_MODULE(_ds_native_cpu, m) {
         "exp_avg, exp_avg_sq, out or 0, step counter or 0, step, numel, grad dtype | out dtype << 8). "
         "Internal: the caller checks dtypes, devices, sizes and contiguity and keeps the tensors alive "
         "(ds_native.optim.cpu_adam does). The GIL is released while the kernel runs.");
+
+  m.def("advise_huge_pages", &advise_huge_pages, nb::arg("address"), nb::arg("nbytes"), nb::arg("huge_page_bytes"),
+        "madvise(MADV_HUGEPAGE) on the whole huge pages inside a buffer; returns the bytes advised "
+        "(0: none, refused, or not Linux). Internal: ds_native.memory is the API.");
 
   m.def(
       "stream_adam_shape",

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import torch
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
+from ds_native.memory import copy_to_huge, zeros_huge
+
 _Step = TypeVar("_Step", bound=Callable[..., Any])
 
 GRAD_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -122,6 +124,21 @@ class AdamBase(torch.optim.Optimizer):
             group.setdefault("adamw_mode", bool(group.get("decoupled_weight_decay", True)))
             group.setdefault("bias_correction", True)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, then the CPU moments moved onto huge pages (see ``ds_native.memory``)."""
+        super().load_state_dict(state_dict)
+        for p, state in self.state.items():
+            for key in ("exp_avg", "exp_avg_sq"):
+                t = state.get(key)
+                if (
+                    isinstance(t, torch.Tensor)
+                    and p.device.type == "cpu"
+                    and t.device.type == "cpu"
+                    and t.dtype == torch.float32
+                    and t.is_contiguous()
+                ):
+                    state[key] = copy_to_huge(t)
+
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict plus the keys torch.optim.Adam/AdamW read, so either can load it."""
         sd = super().state_dict()
@@ -153,8 +170,8 @@ class AdamBase(torch.optim.Optimizer):
         state = self.state[p]
         if len(state) == 0:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            state["exp_avg"] = _zeros_moment(p)
+            state["exp_avg_sq"] = _zeros_moment(p)
         for key in ("exp_avg", "exp_avg_sq"):
             t = state[key]
             if t.dtype != torch.float32 or t.device != p.device or not t.is_contiguous() or t.shape != p.shape:
@@ -169,3 +186,10 @@ class AdamBase(torch.optim.Optimizer):
         elif step.numel() != 1:
             raise ValueError(f"state 'step' has {step.numel()} elements; expected one step count")
         return state
+
+
+def _zeros_moment(p: torch.Tensor) -> torch.Tensor:
+    """A zeroed fp32 moment for ``p``; on CPU backed by huge pages, since every step streams it."""
+    if p.device.type == "cpu":
+        return zeros_huge(p.shape)
+    return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
