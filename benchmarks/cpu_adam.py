@@ -19,7 +19,7 @@ Implementations: ds_native CPUAdam, torch Adam(fused=True), torch Adam(foreach=T
 ``own``), and DeepSpeedCPUAdam / DeepSpeed FusedAdam when ``deepspeed`` is importable.
 
     python benchmarks/cpu_adam.py [--quick] [--json PATH] [--sizes 10e6 50e6] [--threads 1 2]
-                                  [--buffers huge|torch]
+                                  [--buffers huge|torch] [--tensors K]
 """
 
 from __future__ import annotations
@@ -42,17 +42,24 @@ BYTES = {"fp32": 28, "offload": 30, "own": 28}
 HYPER = {"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01}
 
 
+def _split(flat: torch.Tensor, tensors: int) -> list[torch.Tensor]:
+    """``flat`` as ``tensors`` contiguous views of (nearly) equal size, as a model's many parameters."""
+    size = flat.numel() // tensors
+    return list(flat.split([size] * (tensors - 1) + [flat.numel() - size * (tensors - 1)]))
+
+
 def _share_state(opt: torch.optim.Optimizer, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
-    """Point the optimizer's (already created) moment tensors at shared storage.
+    """Point the optimizer's (already created) moment tensors at views of shared storage.
 
     Every implementation then streams exactly the same memory, so the table compares
     kernels, not allocations: on this VM two allocations of the same size differ by up
     to ~15% in streaming speed (measured with one kernel on separate buffers), which is
     more than the kernels differ from each other.
     """
-    for state in opt.state.values():
-        state["exp_avg"] = exp_avg
-        state["exp_avg_sq"] = exp_avg_sq
+    params = opt.param_groups[0]["params"]
+    for p, m, v in zip(params, _split(exp_avg, len(params)), _split(exp_avg_sq, len(params)), strict=True):
+        opt.state[p]["exp_avg"] = m
+        opt.state[p]["exp_avg_sq"] = v
 
 
 def _interleaved_times(fns: dict[str, Callable[[], object]], steps: int) -> dict[str, list[float]]:
@@ -103,13 +110,15 @@ def _probe(
 def _huge_pct(tensors: list[torch.Tensor]) -> float:
     """% of these tensors' bytes that Linux backs with huge pages (see ds_native.memory)."""
     total = sum(t.numel() * t.element_size() for t in tensors)
-    return 100.0 * sum(memory.huge_page_backed_bytes(t) for t in tensors) / total
+    return 100.0 * memory.huge_page_backed_bytes(tensors) / total
 
 
 def _streamed(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    p = opt.param_groups[0]["params"][0]
-    state = opt.state[p]
-    return [p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"]]
+    out = []
+    for p in opt.param_groups[0]["params"]:
+        state = opt.state[p]
+        out += [p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"]]
+    return out
 
 
 def _deepspeed() -> tuple[type | None, type | None]:
@@ -123,34 +132,38 @@ def _deepspeed() -> tuple[type | None, type | None]:
 Step = tuple[torch.optim.Optimizer, Callable[[], object]]
 
 
-def _cases(variant: str, n: int, alloc: Callable[..., torch.Tensor]) -> dict[str, Callable[[], Step]]:
+def _cases(variant: str, n: int, alloc: Callable[..., torch.Tensor], tensors: int = 1) -> dict[str, Callable[[], Step]]:
     """Name -> factory returning (optimizer, one step of that implementation); state built lazily.
 
-    Params, grads and the copy-out buffer are shared by all implementations; so are the
-    moments once `_share_state` has run after the first step (not in the ``own`` variant)."""
-    p = torch.nn.Parameter(alloc(n).normal_(0.0, 0.1))
+    The n parameters are ``tensors`` views of one flat buffer. Params, grads and the copy-out buffer
+    are shared by all implementations; so are the moments once `_share_state` has run after the first
+    step (not in the ``own`` variant)."""
+    flat_p = alloc(n).normal_(0.0, 0.1)
     g32 = alloc(n).normal_(0.0, 1e-3)
-    p.grad = g32
+    params = [torch.nn.Parameter(v) for v in _split(flat_p, tensors)]
+    for param, grad in zip(params, _split(g32, tensors), strict=True):
+        param.grad = grad
     if variant == "offload":
         g_low = alloc(n, torch.bfloat16).copy_(g32)
         out = alloc(n, torch.bfloat16)
 
     def ours() -> Step:
-        opt = CPUAdam([p], **HYPER)
+        opt = CPUAdam(params, **HYPER)
         if variant != "offload":
             return opt, opt.step
-        return opt, lambda: opt.step(grads=[g_low], out=[out])
+        g_lows, outs = _split(g_low, tensors), _split(out, tensors)
+        return opt, lambda: opt.step(grads=g_lows, out=outs)
 
     def torch_opt(**kw: bool) -> Callable[[], Step]:
         def make() -> Step:
-            opt = torch.optim.Adam([p], **HYPER, decoupled_weight_decay=True, **kw)
+            opt = torch.optim.Adam(params, **HYPER, decoupled_weight_decay=True, **kw)
             if variant != "offload":
                 return opt, opt.step
 
             def three_passes() -> None:
                 g32.copy_(g_low)  # upcast the grads
                 opt.step()  # fp32 step
-                out.copy_(p.detach())  # downcast the params
+                out.copy_(flat_p)  # downcast the params
 
             return opt, three_passes
 
@@ -165,7 +178,7 @@ def _cases(variant: str, n: int, alloc: Callable[..., torch.Tensor]) -> dict[str
             continue
 
         def make_ds(cls: type = cls) -> Step:
-            opt = cls([p], lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"], weight_decay=0.01)
+            opt = cls(params, lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"], weight_decay=0.01)
             if variant != "offload":
                 return opt, opt.step
 
@@ -174,7 +187,7 @@ def _cases(variant: str, n: int, alloc: Callable[..., torch.Tensor]) -> dict[str
             def step() -> None:
                 g32.copy_(g_low)
                 opt.step()
-                out.copy_(p.detach())
+                out.copy_(flat_p)
 
             return opt, step
 
@@ -182,7 +195,7 @@ def _cases(variant: str, n: int, alloc: Callable[..., torch.Tensor]) -> dict[str
     return cases
 
 
-def run(sizes: list[int], thread_counts: list[int], steps: int, buffers: str = "huge") -> dict:
+def run(sizes: list[int], thread_counts: list[int], steps: int, buffers: str = "huge", tensors: int = 1) -> dict:
     rows = []
     bandwidth, huge = {}, {}
     alloc = _allocator(buffers)
@@ -192,7 +205,7 @@ def run(sizes: list[int], thread_counts: list[int], steps: int, buffers: str = "
             for variant in ("fp32", "offload", "own"):
                 fns, opts = {}, {}
                 exp_avg, exp_avg_sq = alloc(n).zero_(), alloc(n).zero_()
-                for name, make in _cases(variant, n, alloc).items():
+                for name, make in _cases(variant, n, alloc, tensors).items():
                     try:
                         opts[name], fns[name] = make()
                         opt = opts[name]
@@ -287,10 +300,18 @@ def main() -> None:
         default="huge",
         help="where the shared buffers and the probe's live: huge pages (default) or torch's allocator",
     )
+    parser.add_argument(
+        "--tensors",
+        type=int,
+        default=1,
+        help="split the parameters into this many tensors, as a model's layers (default 1: one flat buffer)",
+    )
     args = parser.parse_args()
+    if args.tensors < 1:
+        parser.error("--tensors must be >= 1")
     sizes = [int(s) for s in (args.sizes or ([10e6, 50e6] if args.quick else [10e6, 50e6, 200e6]))]
     steps = args.steps or (5 if args.quick else 10)
-    result = run(sizes, args.threads, steps, args.buffers)
+    result = run(sizes, args.threads, steps, args.buffers, args.tensors)
     result["meta"] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads max",
@@ -298,6 +319,7 @@ def main() -> None:
         "ds_native": ds_native.build_info(),
         "steps": steps,
         "buffers": args.buffers,
+        "tensors": args.tensors,
         "thp_mode": memory.thp_mode(),
     }
     print_table(result)

@@ -35,7 +35,7 @@ def _problem(n: int, huge: bool) -> tuple[CPUAdam, list[torch.Tensor]]:
 
 def _huge_pct(tensors: list[torch.Tensor]) -> float:
     total = sum(t.numel() * t.element_size() for t in tensors)
-    return 100.0 * sum(memory.huge_page_backed_bytes(t) for t in tensors) / total
+    return 100.0 * memory.huge_page_backed_bytes(tensors) / total
 
 
 def run(sizes: list[int], thread_counts: list[int], steps: int) -> list[dict]:

@@ -27,6 +27,7 @@ def test_zeros_huge_is_advised_and_zero() -> None:
     advised = memory.huge_page_advised_bytes(t)
     # Everything but the partial huge pages at the two ends.
     assert nbytes - 2 * memory.huge_page_bytes() <= advised <= nbytes
+    assert memory.huge_page_advised_bytes([t, t[0]]) == advised + memory.huge_page_advised_bytes(t[0])
     # Backed is up to the machine (free huge pages), but never more than the tensor.
     assert 0 <= memory.huge_page_backed_bytes(t) <= nbytes
     assert memory.huge_page_advised_bytes(torch.zeros(3, 4_000_000)) == 0  # what torch gives without asking

@@ -14,6 +14,7 @@ matter, whatever the environment.
 
 from __future__ import annotations
 
+import bisect
 import functools
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,47 +82,62 @@ def copy_to_huge(t: torch.Tensor) -> torch.Tensor:
     return empty_huge(t.shape, t.dtype).copy_(t)
 
 
-def _mappings_of(t: torch.Tensor) -> list[tuple[int, dict[str, str]]]:
-    """(bytes of ``t`` inside, smaps fields) for each of this process's mappings that ``t`` overlaps."""
-    begin = t.data_ptr()
-    end = begin + t.numel() * t.element_size()
-    found: list[tuple[int, dict[str, str]]] = []
+def _smaps() -> list[tuple[int, int, dict[str, str]]]:
+    """This process's mappings from /proc/self/smaps: (start, end, fields), sorted; [] where unavailable."""
+    mappings: list[tuple[int, int, dict[str, str]]] = []
     try:
         smaps = open("/proc/self/smaps")  # noqa: SIM115  (closed below; read line by line, it is large)
     except OSError:
-        return found
+        return mappings
     with smaps:
-        fields: dict[str, str] | None = None
         for line in smaps:
             head, _, rest = line.partition(" ")
             if not head.endswith(":") and "-" in head:
                 lo, hi = (int(x, 16) for x in head.split("-"))
-                overlap = min(hi, end) - max(lo, begin)
-                fields = {} if overlap > 0 else None
-                if fields is not None:
-                    found.append((overlap, fields))
-            elif fields is not None:
-                fields[head.rstrip(":")] = rest.strip()
+                mappings.append((lo, hi, {}))
+            elif mappings:
+                mappings[-1][2][head.rstrip(":")] = rest.strip()
+    return mappings
+
+
+def _overlaps(tensors: torch.Tensor | Sequence[torch.Tensor]) -> list[tuple[int, dict[str, str]]]:
+    """(bytes of a tensor inside, smaps fields) for every mapping each of ``tensors`` overlaps."""
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    mappings = _smaps()
+    starts = [lo for lo, _, _ in mappings]
+    found = []
+    for t in tensors:
+        begin = t.data_ptr()
+        end = begin + t.numel() * t.element_size()
+        i = max(bisect.bisect_right(starts, begin) - 1, 0)
+        while i < len(mappings) and mappings[i][0] < end:
+            lo, hi, fields = mappings[i]
+            overlap = min(hi, end) - max(lo, begin)
+            if overlap > 0:
+                found.append((overlap, fields))
+            i += 1
     return found
 
 
-def huge_page_backed_bytes(t: torch.Tensor) -> int:
-    """About how many bytes of CPU tensor ``t`` Linux backs with huge pages right now.
+def huge_page_backed_bytes(tensors: torch.Tensor | Sequence[torch.Tensor]) -> int:
+    """About how many bytes of these CPU tensors Linux backs with huge pages right now.
 
-    From /proc/self/smaps (Linux; 0 elsewhere): each overlapping mapping's ``AnonHugePages``,
-    capped at the part of ``t`` it holds. Exact when ``t`` has its mappings to itself, as large
-    allocations do; for a small tensor inside a shared heap mapping it may count its neighbours.
+    From /proc/self/smaps (Linux; 0 elsewhere), read once: each overlapping mapping's
+    ``AnonHugePages``, capped at the part of the tensor it holds. Exact when a tensor has its
+    mappings to itself, as large allocations do; for a small tensor inside a shared heap mapping
+    it may count its neighbours. Memory that several of the tensors share is counted for each.
     """
     total = 0
-    for overlap, fields in _mappings_of(t):
+    for overlap, fields in _overlaps(tensors):
         kib = int(fields.get("AnonHugePages", "0 kB").split()[0])
         total += min(overlap, kib * 1024)
     return total
 
 
-def huge_page_advised_bytes(t: torch.Tensor) -> int:
-    """Bytes of ``t`` in mappings that carry the huge-page advice (smaps ``VmFlags`` ``hg``)."""
-    return sum(overlap for overlap, fields in _mappings_of(t) if "hg" in fields.get("VmFlags", "").split())
+def huge_page_advised_bytes(tensors: torch.Tensor | Sequence[torch.Tensor]) -> int:
+    """Bytes of these tensors in mappings that carry the huge-page advice (smaps ``VmFlags`` ``hg``)."""
+    return sum(overlap for overlap, fields in _overlaps(tensors) if "hg" in fields.get("VmFlags", "").split())
 
 
 __all__ = [

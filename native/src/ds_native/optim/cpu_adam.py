@@ -215,7 +215,11 @@ class CPUAdam(AdamBase):
                     state = self._checked_state(p, g, o, f"param {index - 1} (group {group_index})")
                     m, v, counter = state["exp_avg"], state["exp_avg_sq"], state["step"]
                 alive.append(g)
-                (plain if o is None else with_out).extend(_record(p, g, m, v, o, counter, 0))
+                if o is None:  # the common case, inlined: this loop runs once per parameter per step
+                    plain += (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 0, counter.data_ptr())
+                    plain += (0, p.numel(), codes[g.dtype])
+                else:
+                    with_out.extend(_record(p, g, m, v, o, counter, 0))
             if plain or with_out:
                 hyper = self.group_hyper(group)
                 for records in (plain, with_out):
