@@ -15,7 +15,8 @@ In fp32 and offload every implementation streams the same params, grads and mome
 kernel comparison); all buffers, and the probe's, are on huge pages unless ``--buffers torch``
 (torch's allocator: 4 KiB pages where transparent huge pages are in ``madvise`` mode).
 
-Implementations: ds_native CPUAdam, torch Adam(fused=True), torch Adam(foreach=True; not in
+Implementations: ds_native CPUAdam (twice: "A/A", a second identical optimizer, shows how far a
+paired ratio moves by noise alone), torch Adam(fused=True), torch Adam(foreach=True; not in
 ``own``), and DeepSpeedCPUAdam / DeepSpeed FusedAdam when ``deepspeed`` is importable.
 
     python benchmarks/cpu_adam.py [--quick] [--json PATH] [--sizes 10e6 50e6] [--threads 1 2]
@@ -169,7 +170,8 @@ def _cases(variant: str, n: int, alloc: Callable[..., torch.Tensor], tensors: in
 
         return make
 
-    cases = {"ds_native": ours, "torch fused": torch_opt(fused=True)}
+    # "A/A": a second, identical ds_native optimizer; its ratio to the first is the noise of a pairing.
+    cases = {"ds_native": ours, "ds_native A/A": ours, "torch fused": torch_opt(fused=True)}
     if variant != "own":  # 6x slower than the rest and needs several temporaries of the model's size
         cases["torch foreach"] = torch_opt(foreach=True)
     ds_cpu, ds_fused = _deepspeed()
@@ -281,9 +283,11 @@ def print_summary(result: dict) -> None:
         vs_torch = min(r["ours_speedup"] for k, r in rows.items() if k.startswith("torch"))
         ds = [r["ours_speedup"] for k, r in rows.items() if k.startswith("DeepSpeed")]
         ds_text = f", {min(ds):.2f}x best DeepSpeed" if ds else ", DeepSpeed not importable"
+        aa = rows.get("ds_native A/A")
+        aa_text = f"  (A/A {aa['ours_speedup']:.2f}x)" if aa else ""
         print(
             f"  {n / 1e6:>4.0f}M {threads} thr {variant:<8} {ours['pct_of_floor']:5.1f}% of floor, "
-            f"{vs_torch:.2f}x best torch{ds_text}"
+            f"{vs_torch:.2f}x best torch{ds_text}{aa_text}"
         )
 
 

@@ -387,3 +387,25 @@ def test_step_count_in_any_saved_form_resumes(saved_step: object) -> None:
     ref.step()
     assert opt.state[q]["step"].dtype == torch.float32 and opt.state[q]["step"].item() == 4.0
     assert _max_abs([q.detach()], [ref.param_groups[0]["params"][0].detach()]) < 1e-6
+
+
+def test_copies_and_lr_schedulers_work() -> None:
+    import copy
+    import pickle
+    import warnings
+
+    q = torch.nn.Parameter(torch.ones(4))
+    q.grad = torch.ones(4)
+    opt = CPUAdam([q], lr=0.1, num_threads=1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "lr_scheduler.step() before optimizer.step()"
+        for _ in range(3):
+            opt.step()
+            sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0125 and opt.state[q]["step"].item() == 3
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert twin.num_threads == 1
+        twin.step(grads=[torch.ones(4)])  # steps its own copy of the state only
+        assert twin.state[next(iter(twin.state))]["step"].item() == 4
+    assert opt.state[q]["step"].item() == 3

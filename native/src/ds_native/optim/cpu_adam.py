@@ -136,6 +136,14 @@ class CPUAdam(AdamBase):
         self.num_threads = num_threads
         super().__init__(params, lr, betas, eps, weight_decay, adamw_mode, bias_correction)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's Optimizer pickles only defaults, state and param groups.
+        return {**super().__getstate__(), "num_threads": self.num_threads}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.num_threads = state.pop("num_threads", None)
+        super().__setstate__(state)
+
     # No torch.no_grad() here: the step runs no autograd-visible torch op (the kernel
     # writes through raw addresses), and every wrapper this method passes through runs
     # with cold caches after a step has streamed the whole optimizer state.
