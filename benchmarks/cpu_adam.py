@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -70,10 +71,15 @@ def _interleaved_times(fns: dict[str, Callable[[], object]], steps: int) -> dict
         fn()  # warm-up: creates optimizer state, faults pages in
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
-    for r in range(steps):
-        # Rotate the order every round: no implementation always follows the same one
-        # (whose dirty cache lines it would have to write back).
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    rng = random.Random(0)
+    for _ in range(steps):
+        # A fresh order every round, so that no implementation always follows the same one:
+        # the one before leaves dirty cache lines to write back, and the code it ran warm or
+        # cold in the caches (a rotation keeps each one's predecessor fixed; the A/A row, two
+        # identical optimizers, measured 2% apart that way).
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
             t0 = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t0)
