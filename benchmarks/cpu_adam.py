@@ -114,12 +114,6 @@ def _probe(
     return m, lambda: _ds_native_cpu.stream_adam_shape(a, b, c, d, threads), [a, b, c, d]
 
 
-def _huge_pct(tensors: list[torch.Tensor]) -> float:
-    """% of these tensors' bytes that Linux backs with huge pages (see ds_native.memory)."""
-    total = sum(t.numel() * t.element_size() for t in tensors)
-    return 100.0 * memory.huge_page_backed_bytes(tensors) / total
-
-
 def _streamed(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     out = []
     for p in opt.param_groups[0]["params"]:
@@ -229,7 +223,7 @@ def run(sizes: list[int], thread_counts: list[int], steps: int, buffers: str = "
                 times = _interleaved_times(fns, steps)
                 bw = 28 * probe_n / statistics.median(times.pop("probe"))
                 bandwidth[f"{n}/{threads}/{variant}"] = bw
-                huge[f"{n}/{threads}/{variant}"] = _huge_pct(probe_buffers)
+                huge[f"{n}/{threads}/{variant}"] = 100.0 * memory.huge_page_share(probe_buffers)
                 del probe_buffers
                 floor = bw / BYTES[variant]
                 for name, ts in times.items():
@@ -244,7 +238,7 @@ def run(sizes: list[int], thread_counts: list[int], steps: int, buffers: str = "
                             "pct_of_floor": 100 * (n / t) / floor,
                             "bandwidth_GBps": bw / 1e9,
                             "ours_speedup": _paired_speedup(times["ds_native"], ts),
-                            "huge_page_pct": _huge_pct(_streamed(opts[name])),
+                            "huge_page_pct": 100.0 * memory.huge_page_share(_streamed(opts[name])),
                         }
                     )
                 del fns, opts

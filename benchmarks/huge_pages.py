@@ -33,11 +33,6 @@ def _problem(n: int, huge: bool) -> tuple[CPUAdam, list[torch.Tensor]]:
     return opt, [p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"]]
 
 
-def _huge_pct(tensors: list[torch.Tensor]) -> float:
-    total = sum(t.numel() * t.element_size() for t in tensors)
-    return 100.0 * memory.huge_page_backed_bytes(tensors) / total
-
-
 def run(sizes: list[int], thread_counts: list[int], steps: int) -> list[dict]:
     rows = []
     for n in sizes:
@@ -59,8 +54,8 @@ def run(sizes: list[int], thread_counts: list[int], steps: int) -> list[dict]:
                     "gparams_per_s_4k": n / statistics.median(times["4k"]) / 1e9,
                     "gparams_per_s_huge": n / statistics.median(times["huge"]) / 1e9,
                     "speedup": statistics.median(a / b for a, b in zip(times["4k"], times["huge"], strict=True)),
-                    "huge_pct_4k_copy": _huge_pct(small_bufs),
-                    "huge_pct_huge_copy": _huge_pct(big_bufs),
+                    "huge_pct_4k_copy": 100.0 * memory.huge_page_share(small_bufs),
+                    "huge_pct_huge_copy": 100.0 * memory.huge_page_share(big_bufs),
                 }
             )
             r = rows[-1]

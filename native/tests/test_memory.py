@@ -29,7 +29,11 @@ def test_zeros_huge_is_advised_and_zero() -> None:
     assert nbytes - 2 * memory.huge_page_bytes() <= advised <= nbytes
     assert memory.huge_page_advised_bytes([t, t[0]]) == advised + memory.huge_page_advised_bytes(t[0])
     # Backed is up to the machine (free huge pages), but never more than the tensor.
-    assert 0 <= memory.huge_page_backed_bytes(t) <= nbytes
+    backed = memory.huge_page_backed_bytes(t)
+    assert 0 <= backed <= nbytes
+    # The share is the same count over the tensor's bytes (read later: backing can only have grown).
+    assert backed / nbytes <= memory.huge_page_share([t]) <= 1.0
+    assert memory.huge_page_share([]) == 0.0
     assert memory.huge_page_advised_bytes(torch.zeros(3, 4_000_000)) == 0  # what torch gives without asking
 
 

@@ -135,6 +135,14 @@ def huge_page_backed_bytes(tensors: torch.Tensor | Sequence[torch.Tensor]) -> in
     return total
 
 
+def huge_page_share(tensors: torch.Tensor | Sequence[torch.Tensor]) -> float:
+    """The fraction (0 to 1) of these tensors' bytes that Linux backs with huge pages right now."""
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    total = sum(t.numel() * t.element_size() for t in tensors)
+    return huge_page_backed_bytes(tensors) / total if total else 0.0
+
+
 def huge_page_advised_bytes(tensors: torch.Tensor | Sequence[torch.Tensor]) -> int:
     """Bytes of these tensors in mappings that carry the huge-page advice (smaps ``VmFlags`` ``hg``)."""
     return sum(overlap for overlap, fields in _overlaps(tensors) if "hg" in fields.get("VmFlags", "").split())
@@ -148,6 +156,7 @@ __all__ = [
     "huge_page_advised_bytes",
     "huge_page_backed_bytes",
     "huge_page_bytes",
+    "huge_page_share",
     "thp_mode",
     "zeros_huge",
 ]
