@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,9 @@ from zero_shard.comm import CollectiveChoice, choose_collectives, gather_partiti
 from zero_shard.config import ZeroConfig
 from zero_shard.flat_buffer import FlatLayout
 from zero_shard.grad_reduce import GradReducer
+
+if TYPE_CHECKING:
+    from zero_shard.stage3 import ParamCoordinator
 
 __all__ = ["ZeroShardedOptimizer", "default_optimizer_factory"]
 
@@ -134,8 +137,11 @@ class ZeroShardedOptimizer:
         gradient_predivide_factor: float = 1.0,
         collectives: CollectiveChoice | None = None,
         grad_accum_dtype: torch.dtype | None = None,
+        module: nn.Module | None = None,
     ) -> None:
         config = config if config is not None else ZeroConfig()
+        if int(config.stage) == 3 and module is None:
+            raise ValueError("ZeroShardedOptimizer: stage 3 needs module= (the model whose parameters it partitions)")
         groups = _normalize_groups(named_params)
         device = groups[0][0][0][1].device
         missing = config.unsupported_features(model_on_cpu=device.type == "cpu")
@@ -172,37 +178,27 @@ class ZeroShardedOptimizer:
         self.gradient_clipping = float(gradient_clipping)
         self.loss_scaler = loss_scaler if loss_scaler is not None else StaticLossScaler(1.0, process_group)
         self.collectives = collectives or choose_collectives(
-            backend, self.stage, reduce_scatter=config.reduce_scatter, allgather_partitions=config.allgather_partitions
+            backend, min(self.stage, 2), reduce_scatter=config.reduce_scatter, allgather_partitions=config.allgather_partitions
         )
         if self.stage == 0 and self.collectives.grad != "all_reduce":
             raise ValueError("stage 0 needs the whole reduced gradient on every rank: grad collective 'all_reduce'")
 
-        self.layouts = [FlatLayout(params, self.world_size) for params, _ in groups]
-        # fp32 master: from the parameters' values before any cast to the compute dtype.
-        self.masters: list[nn.Parameter] = []
-        self.flat_params: list[torch.Tensor] = []
-        for lay in self.layouts:
-            full = lay.flatten(torch.float32, device)
-            lo, hi = lay.partition(self.rank)
-            if compute_dtype in _LOW_PRECISION:
-                flat = full.to(compute_dtype)
-                master = full if self.stage == 0 else full[lo:hi].clone()
-            else:
-                # fp32 model: the master IS the model's flat buffer (its partition at stages 1-2), no copy.
-                flat = full
-                master = full if self.stage == 0 else full[lo:hi]
-            self.masters.append(nn.Parameter(master, requires_grad=False))
-            self.flat_params.append(flat)
-            lay.bind_params(flat)
+        self.coordinator: ParamCoordinator | None = None
+        if self.stage == 3:
+            self._build_stage3(groups, module, device, process_group)
+        else:
+            self._build_flat(groups, device)
+        masters_of = [[m for m, g in zip(self.masters, self.layout_group, strict=True) if g == gi] for gi in range(len(groups))]
         self.inner = optimizer_factory(
-            [{"params": [m], **hyper} for m, (_, hyper) in zip(self.masters, groups, strict=True)]
+            [{"params": ms, **hyper} for ms, (_, hyper) in zip(masters_of, groups, strict=True)]
         )
-        if len(self.inner.param_groups) != len(self.masters):
+        if len(self.inner.param_groups) != len(groups):
             raise ValueError("optimizer_factory must keep one param group per group it is given")
 
         self.reducer = GradReducer(
             self.layouts,
-            stage=self.stage,
+            # Stage 3 reduces gradients exactly as stage 2 does, into per-unit partitions.
+            stage=min(self.stage, 2),
             rank=self.rank,
             world_size=self.world_size,
             process_group=process_group,
@@ -233,6 +229,8 @@ class ZeroShardedOptimizer:
         """Unscale/clip, step the fp32 partition, refresh the model. False when skipped for overflow."""
         if closure is not None:
             raise ValueError("ZeroShardedOptimizer.step does not take a closure")
+        if self.coordinator is not None:
+            self.coordinator.release_all()
         # A 16-bit stage-2 partition is upcast for the step only: unscaling fp16 gradients in fp16 would
         # flush the small ones to zero, and the inner optimizer wants fp32 gradients for fp32 masters.
         grads = [self.reducer.grads_for_step(g).float() for g in range(len(self.masters))]
@@ -304,6 +302,24 @@ class ZeroShardedOptimizer:
         grads = sum(
             t.numel() * t.element_size() for t in (*self.reducer.part_grads, *self.reducer.accum) if t is not None
         )
+        if self.stage == 3:
+            # Parameters: the full buffers allocated right now (persistent units, any unit still gathered)
+            # plus every shard that is its own memory (an fp32 persistent unit's shard is a view of its buffer).
+            # For fp32 the shard is also the master: counted once, here.
+            full = sum(u.resident_bytes() for u in self.units)
+            own_shards = [
+                u.shard
+                for u in self.units
+                if u.shard.untyped_storage().data_ptr() != u.full.untyped_storage().data_ptr()
+            ]
+            shard_ptrs = {t.untyped_storage().data_ptr() for t in (*own_shards, *(u.full for u in self.units))}
+            masters = [m for m in self.masters if m.untyped_storage().data_ptr() not in shard_ptrs]
+            return {
+                "master": sum(m.numel() * m.element_size() for m in masters),
+                "optimizer_state": state,
+                "gradients": grads,
+                "params": full + sum(t.numel() * t.element_size() for t in own_shards),
+            }
         # An fp32 model's master shares the parameters' memory: count it only where it is a copy.
         own = [
             m
@@ -333,8 +349,96 @@ class ZeroShardedOptimizer:
 
     # ---- internals ----------------------------------------------------------------------------------
 
+    def _build_flat(self, groups: list[Any], device: torch.device) -> None:
+        """Stages 0-2: one flat layout per param group; the model's parameters become views into it."""
+        self.layouts = [FlatLayout(params, self.world_size) for params, _ in groups]
+        self.layout_group = list(range(len(groups)))
+        # fp32 master: from the parameters' values before any cast to the compute dtype.
+        self.masters: list[nn.Parameter] = []
+        self.flat_params: list[torch.Tensor] = []
+        for lay in self.layouts:
+            full = lay.flatten(torch.float32, device)
+            lo, hi = lay.partition(self.rank)
+            if self.compute_dtype in _LOW_PRECISION:
+                flat = full.to(self.compute_dtype)
+                master = full if self.stage == 0 else full[lo:hi].clone()
+            else:
+                # fp32 model: the master IS the model's flat buffer (its partition at stages 1-2), no copy.
+                flat = full
+                master = full if self.stage == 0 else full[lo:hi]
+            self.masters.append(nn.Parameter(master, requires_grad=False))
+            self.flat_params.append(flat)
+            lay.bind_params(flat)
+
+    def _build_stage3(
+        self, groups: list[Any], module: nn.Module, device: torch.device, process_group: dist.ProcessGroup | None
+    ) -> None:
+        """Stage 3: per-module units (:mod:`zero_shard.stage3`), each partitioned, released until used."""
+        from zero_shard.init import materialize_partitioned
+        from zero_shard.stage3 import ParamCoordinator, build_units, plan_units
+
+        cfg = self.config.resolve_auto()
+        plan = plan_units(
+            module,
+            [params for params, _ in groups],
+            persistence_threshold=int(cfg.param_persistence_threshold),
+            model_persistence_threshold=int(cfg.model_persistence_threshold),
+        )
+        units = build_units(
+            plan,
+            rank=self.rank,
+            world_size=self.world_size,
+            dtype=self.compute_dtype,
+            device=device,
+            process_group=process_group,
+            method=self.collectives.param,
+        )
+        self.units = units
+        self.layouts = [u.layout for u in units]
+        self.layout_group = [u.group for u in units]
+        self.masters = []
+        self.flat_params = []
+        for u in units:
+            # Parameters built under zero.Init hold only their partition: gather them one at a time.
+            materialize_partitioned(u.params, process_group)
+            full = u.layout.flatten(torch.float32, device)
+            lo, hi = u.layout.partition(self.rank)
+            if self.compute_dtype in _LOW_PRECISION:
+                master = full[lo:hi].clone()
+                u.bind(full)
+            elif u.persistent:
+                u.bind(full)
+                master = u.full[lo:hi]  # fp32 and always resident: the master is the buffer's partition
+            else:
+                master = full[lo:hi].clone()
+                u.bind(full, shard=master)
+            del full
+            u.release()
+            u.master = master
+            self.masters.append(nn.Parameter(master, requires_grad=False))
+            self.flat_params.append(u.full)
+        self.coordinator = ParamCoordinator(
+            module,
+            units,
+            plan.needs,
+            rank=self.rank,
+            world_size=self.world_size,
+            process_group=process_group,
+            prefetch_bucket_size=int(cfg.prefetch_bucket_size),
+            max_live_parameters=int(cfg.max_live_parameters),
+            max_reuse_distance=int(cfg.max_reuse_distance),
+        )
+
+
     def _refresh_model(self) -> None:
         """Copy the fp32 master into the compute-dtype flat buffers and share the partitions."""
+        if self.stage == 3:
+            with torch.no_grad():
+                for u, master in zip(self.units, self.masters, strict=True):
+                    if u.shard.data_ptr() != master.data_ptr():
+                        u.shard.copy_(master)
+                    u.refresh(self.config.allgather_bucket_size)
+            return
         with torch.no_grad():
             for lay, master, flat in zip(self.layouts, self.masters, self.flat_params, strict=True):
                 lo, hi = (0, lay.padded_numel) if self.stage == 0 else lay.partition(self.rank)
