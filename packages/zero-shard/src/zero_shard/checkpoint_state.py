@@ -185,7 +185,9 @@ def load_sharded_state(opt: ZeroShardedOptimizer, shards: list[Shard]) -> None:
         group_meta = meta0["groups"][g]
         keys = group_meta["state_keys"]
         if g not in dtype_cache:
-            probe = _any_name(shards, [s for li2, l2 in enumerate(opt.layouts) if opt.layout_group[li2] == g for s in l2.slots])
+            probe = _any_name(
+                shards, [s for li2, l2 in enumerate(opt.layouts) if opt.layout_group[li2] == g for s in l2.slots]
+            )
             dtype_cache[g] = {k: shards[0][0][f"{probe}/{k}"].dtype for k in keys} if probe is not None else {}
         dtypes = dtype_cache[g]
         new = {k: torch.zeros(hi - lo, dtype=dtypes.get(k, torch.float32), device=master.device) for k in keys}

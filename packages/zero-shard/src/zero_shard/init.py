@@ -213,7 +213,9 @@ def GatheredParameters(  # noqa: N802 - DeepSpeed's name
     if not enabled or not plist:
         yield
         return
-    units = sorted({id(u): u for p in plist if (u := getattr(p, "_zero3_unit", None)) is not None}.values(), key=lambda u: u.index)
+    units = sorted(
+        {id(u): u for p in plist if (u := getattr(p, "_zero3_unit", None)) is not None}.values(), key=lambda u: u.index
+    )
     loose = [p for p in plist if _is_partitioned(p)]
     was_gathered = {id(u): u.gathered for u in units}
     for u in units:

@@ -178,7 +178,10 @@ class ZeroShardedOptimizer:
         self.gradient_clipping = float(gradient_clipping)
         self.loss_scaler = loss_scaler if loss_scaler is not None else StaticLossScaler(1.0, process_group)
         self.collectives = collectives or choose_collectives(
-            backend, min(self.stage, 2), reduce_scatter=config.reduce_scatter, allgather_partitions=config.allgather_partitions
+            backend,
+            min(self.stage, 2),
+            reduce_scatter=config.reduce_scatter,
+            allgather_partitions=config.allgather_partitions,
         )
         if self.stage == 0 and self.collectives.grad != "all_reduce":
             raise ValueError("stage 0 needs the whole reduced gradient on every rank: grad collective 'all_reduce'")
@@ -188,7 +191,9 @@ class ZeroShardedOptimizer:
             self._build_stage3(groups, module, device, process_group)
         else:
             self._build_flat(groups, device)
-        masters_of = [[m for m, g in zip(self.masters, self.layout_group, strict=True) if g == gi] for gi in range(len(groups))]
+        masters_of = [
+            [m for m, g in zip(self.masters, self.layout_group, strict=True) if g == gi] for gi in range(len(groups))
+        ]
         self.inner = optimizer_factory(
             [{"params": ms, **hyper} for ms, (_, hyper) in zip(masters_of, groups, strict=True)]
         )
@@ -428,7 +433,6 @@ class ZeroShardedOptimizer:
             max_live_parameters=int(cfg.max_live_parameters),
             max_reuse_distance=int(cfg.max_reuse_distance),
         )
-
 
     def _refresh_model(self) -> None:
         """Copy the fp32 master into the compute-dtype flat buffers and share the partitions."""

@@ -143,6 +143,11 @@ class Unit:
         if self.works is not None:
             self.wait()
         if self.gathered:
+            if not self.full.untyped_storage().resizable():
+                # Someone exported the buffer (``param.numpy()`` pins the storage's size): leave that memory to
+                # them and move the parameters onto a fresh buffer of our own.
+                self.full = torch.empty(self.layout.padded_numel, dtype=self.dtype, device=self.device)
+                self.layout.bind_params(self.full)
             self.full.untyped_storage().resize_(0)
             self.gathered = False
 

@@ -27,6 +27,7 @@ left at the end of a backward, and everything before an optimizer step, is freed
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zero_shard.comm import ParamCollective
-from zero_shard.flat_buffer import FlatLayout
+from zero_shard.flat_buffer import FlatLayout, full_shape
 from zero_shard.hooks import in_backward, install_module_hooks
 from zero_shard.partition import Unit, UnitGatherError
 from zero_shard.prefetch import ExecutionTrace
@@ -65,9 +66,10 @@ def plan_units(
     budget = model_persistence_threshold
     for params in groups:
         for _, p in params:
-            if p.numel() < persistence_threshold and p.numel() <= budget:
+            numel = math.prod(full_shape(p))
+            if numel < persistence_threshold and numel <= budget:
                 persistent.add(id(p))
-                budget -= p.numel()
+                budget -= numel
     plan = UnitPlan()
     unit_of_param: dict[int, int] = {}
     modules = list(module.named_modules(remove_duplicate=True))
