@@ -180,7 +180,7 @@ def run_gathered(rank: int, world_size: int) -> dict[str, Any]:
     """GatheredParameters for reading, and with modifier_rank=0 writing back into the partitions.
 
     bf16, so that the fp32 master is a separate tensor that must be written back too."""
-    model, opt = build(3, "bf16", stage3_param_persistence_threshold=0)
+    model, _opt = build(3, "bf16", stage3_param_persistence_threshold=0)
     w = model.blocks[0].fc.weight
     released = w.untyped_storage().nbytes() == 0
     with GatheredParameters(w):

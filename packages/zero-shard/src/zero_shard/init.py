@@ -197,7 +197,7 @@ def _gathered_apply(original: Any) -> Any:
 
 
 @contextlib.contextmanager
-def GatheredParameters(  # noqa: N802 - DeepSpeed's name
+def GatheredParameters(
     params: nn.Parameter | Iterable[nn.Parameter],
     modifier_rank: int | None = None,
     fwd_module: nn.Module | None = None,

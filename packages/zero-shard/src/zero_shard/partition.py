@@ -115,7 +115,7 @@ class Unit:
                 method=self.method,
                 group=self.process_group,
             )
-        except Exception as e:  # noqa: BLE001 - re-raised with the rank and the module named
+        except Exception as e:
             raise UnitGatherError(f"rank {self.rank}: ZeRO-3 gather of {self.name} failed to start: {e}") from e
 
     def wait(self) -> None:
@@ -129,7 +129,7 @@ class Unit:
             for w in self.works:
                 if isinstance(w, dist.Work):
                     w.wait()
-        except Exception as e:  # noqa: BLE001 - a timed-out or broken collective, named
+        except Exception as e:
             raise UnitGatherError(
                 f"rank {self.rank}: ZeRO-3 gather of {self.name} ({self.numel} elements) did not complete: {e}"
             ) from e

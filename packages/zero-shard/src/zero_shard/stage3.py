@@ -245,7 +245,7 @@ class ParamCoordinator:
         try:
             fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             fn(every, mine, group=self.group)
-        except Exception as e:  # noqa: BLE001 - re-raised with the rank and module named
+        except Exception as e:
             raise UnitGatherError(
                 f"rank {self.rank}: ZeRO-3 could not agree with the other ranks before gathering the parameters "
                 f"of {module_name} (unit {unit.name}): {e}"
