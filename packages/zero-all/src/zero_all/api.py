@@ -218,6 +218,11 @@ def initialize(
     from amp_scaler import create_loss_scaler
     from zero_shard import ZeroShardedOptimizer
 
+    if int(cfg.zero_optimization.stage) != 3:
+        from zero_shard.init import materialize_partitioned
+
+        # A model built under zero.Init used at stages 0-2: make its parameters whole (one at a time).
+        materialize_partitioned(model.parameters())
     scaler = create_loss_scaler(cfg.fp16 if cfg.fp16.enabled is True else None)
     zero_opt = ZeroShardedOptimizer(
         groups,
@@ -228,6 +233,7 @@ def initialize(
         gradient_clipping=float(cfg.gradient_clipping),
         gradient_predivide_factor=float(cfg.gradient_predivide_factor),
         grad_accum_dtype=_grad_accum_dtype(cfg, dtype),
+        module=model if int(cfg.zero_optimization.stage) == 3 else None,
     )
 
     _cast_unmanaged(model, dtype, {id(p) for g in groups for _, p in g["params"]})

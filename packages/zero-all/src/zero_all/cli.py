@@ -63,6 +63,10 @@ def consolidate_checkpoint(
             result[key] = value  # a buffer (kept in its saved dtype)
     for name, value in params.items():
         result.setdefault(name, value.to(out_dtype))
+    # A stage-3 model file holds no parameters, so tied aliases (an LM head tied to the embedding) come from here.
+    for key, source in tied.items():
+        if key not in result and source in result:
+            result[key] = result[source]
     return result
 
 

@@ -338,6 +338,10 @@ class ZeroShardedOptimizer:
             "params": sum(f.numel() * f.element_size() for f in self.flat_params),
         }
 
+    def managed_param_ids(self) -> set[int]:
+        """``id()`` of every model parameter this optimizer holds an fp32 master for."""
+        return {id(p) for lay in self.layouts for p in lay.params}
+
     # ---- checkpoint state (implemented in checkpoint_state.py) ----------------------------------------
 
     def sharded_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
