@@ -108,3 +108,11 @@ def test_zero_init_builds_a_model_larger_than_the_memory_cap() -> None:
         # The cap: 3/4 of the whole model. Each rank keeps half plus one layer in flight.
         assert r["grown_mb"] < 0.75 * r["whole_mb"], r
         assert np.isfinite(r["loss"])
+
+
+def test_gather_that_never_completes_names_rank_and_module() -> None:
+    r0 = run_distributed(z3.run_rank_missing_from_gather, 2, timeout=120)[0]
+    assert r0["error"] is not None, r0
+    # The first unit of the forward is the root's own (wpe); gloo's own timeout message is kept.
+    assert "rank 0" in r0["error"] and "<root>" in r0["error"] and "Timed out" in r0["error"], r0["error"]
+    assert r0["took"] < 60

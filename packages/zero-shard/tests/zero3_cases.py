@@ -262,3 +262,29 @@ def _plain_wide(meta: bool = False) -> Wide:
         with torch.device("meta"):
             return Wide()
     return Wide()
+
+
+def run_rank_missing_from_gather(rank: int, world_size: int) -> dict[str, Any]:
+    """Rank 1 never runs the forward: rank 0's gather must end at the group's timeout, naming rank and module."""
+    import time
+    from datetime import timedelta
+
+    group = dist.new_group(timeout=timedelta(seconds=4))
+    model = make_model()
+    opt = ZeroShardedOptimizer(
+        list(model.named_parameters()),
+        _adamw,
+        ZeroConfig(stage=3, stage3_param_persistence_threshold=0),
+        module=model,
+        process_group=group,
+    )
+    error, took = None, 0.0
+    if rank == 0:
+        t0 = time.monotonic()
+        try:
+            opt.backward(lm_loss(model, batch(0, 0, rank, world_size)))
+        except UnitGatherError as e:
+            error = str(e)
+        took = time.monotonic() - t0
+    dist.barrier()
+    return {"error": error, "took": took}
