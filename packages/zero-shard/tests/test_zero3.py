@@ -116,3 +116,16 @@ def test_gather_that_never_completes_names_rank_and_module() -> None:
     # The first unit of the forward is the root's own (wpe); gloo's own timeout message is kept.
     assert "rank 0" in r0["error"] and "<root>" in r0["error"] and "Timed out" in r0["error"], r0["error"]
     assert r0["took"] < 60
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_sub_group_size_steps_in_pieces_with_the_same_result(dtype: str) -> None:
+    whole = run_distributed(z3.run_zero, 2, 3, dtype, 3, 1, 0.5, stage3_param_persistence_threshold=0, timeout=180)
+    parts = run_distributed(
+        z3.run_zero, 2, 3, dtype, 3, 1, 0.5, stage3_param_persistence_threshold=0, sub_group_size=300, timeout=180
+    )
+    assert whole[0]["sub_groups"] == 1 and parts[0]["sub_groups"] > 3
+    if dtype == "fp32":
+        assert parts[0]["losses"] == whole[0]["losses"]
+    else:
+        np.testing.assert_allclose(parts[0]["losses"], whole[0]["losses"], rtol=1e-3)

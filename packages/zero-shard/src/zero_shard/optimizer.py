@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from amp_scaler import StaticLossScaler, unscale_and_clip_
+from amp_scaler import StaticLossScaler, global_grad_norm, unscale_and_clip_
 from zero_shard.comm import CollectiveChoice, choose_collectives, gather_partitions
 from zero_shard.config import ZeroConfig
 from zero_shard.flat_buffer import FlatLayout
@@ -216,6 +216,7 @@ class ZeroShardedOptimizer:
             partition_dtype=grad_accum_dtype,
         )
         self._boundary = True
+        self.last_step_sub_groups = 1  # how many pieces the last step went in (stage 3 sub_group_size)
         self._global_grad_norm: float | None = None
         self.global_steps = 0
 
@@ -236,6 +237,8 @@ class ZeroShardedOptimizer:
             raise ValueError("ZeroShardedOptimizer.step does not take a closure")
         if self.coordinator is not None:
             self.coordinator.release_all()
+            if sum(m.numel() for m in self.masters) > self.config.sub_group_size:
+                return self._step_in_sub_groups()
         # A 16-bit stage-2 partition is upcast for the step only: unscaling fp16 gradients in fp16 would
         # flush the small ones to zero, and the inner optimizer wants fp32 gradients for fp32 masters.
         grads = [self.reducer.grads_for_step(g).float() for g in range(len(self.masters))]
@@ -256,6 +259,51 @@ class ZeroShardedOptimizer:
         self.inner.step()
         for master in self.masters:
             master.grad = None
+        self._refresh_model()
+        self.reducer.zero_grad()
+        self.global_steps += 1
+        return True
+
+    def _step_in_sub_groups(self) -> bool:
+        """Stage 3 with ``sub_group_size``: step the partitions a sub-group at a time.
+
+        The global norm is taken from the gradients as they are (16-bit ones accumulate in fp32), then each
+        sub-group of about ``sub_group_size`` elements is upcast, unscaled/clipped and stepped on its own, so
+        the fp32 working set of the step is one sub-group rather than the whole partition (DeepSpeed's
+        ``sub_group_size``; what NVMe offload swaps at a time).
+        """
+        raw = [self.reducer.grads_for_step(i) for i in range(len(self.masters))]
+        inv = self.loss_scaler.inv_scale
+        total = global_grad_norm(raw, self.process_group, sharded=True) * inv
+        found_inf = not math.isfinite(total)
+        self._global_grad_norm = total
+        self.loss_scaler.update_scale(found_inf)
+        if found_inf:
+            self.reducer.zero_grad()
+            return False
+        factor = inv
+        if self.gradient_clipping > 0:
+            # torch's clip coefficient in fp32 tensor math, as amp_scaler.unscale_and_clip_ computes it.
+            coef = torch.clamp(self.gradient_clipping / (torch.tensor(total, dtype=torch.float32) + 1e-6), max=1.0)
+            factor = float((coef * inv).item())
+        limit = max(1, int(self.config.sub_group_size))
+        start = 0
+        self.last_step_sub_groups = 0
+        while start < len(self.masters):
+            self.last_step_sub_groups += 1
+            stop, numel = start, 0
+            while stop < len(self.masters) and (stop == start or numel + self.masters[stop].numel() <= limit):
+                numel += self.masters[stop].numel()
+                stop += 1
+            for i in range(start, stop):
+                grad = raw[i].float()  # fp32 already: in place (the partition is zeroed after the step anyway)
+                if factor != 1.0:
+                    grad.mul_(factor)
+                self.masters[i].grad = grad
+            self.inner.step()
+            for i in range(start, stop):
+                self.masters[i].grad = None
+            start = stop
         self._refresh_model()
         self.reducer.zero_grad()
         self.global_steps += 1
