@@ -77,3 +77,9 @@ def test_state_dict_under_stage3_names_every_key(saved: dict) -> None:
 def test_save_16bit_model_refused_without_the_flag(tmp_path: Path) -> None:
     r = run_distributed(zc.save_16bit_refused_without_flag, 2, str(tmp_path), timeout=240)[0]
     assert r == {"wrote": False, "exists": False}
+
+
+def test_zero_init_model_trains_through_initialize() -> None:
+    r = run_distributed(zc.init_then_initialize, 2, timeout=240)[0]
+    assert r["empty"]
+    assert r["got"] == r["want"]

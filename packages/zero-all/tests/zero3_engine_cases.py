@@ -163,3 +163,16 @@ def save_16bit_refused_without_flag(rank: int, world: int, out: str) -> dict[str
 
 def np_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def init_then_initialize(rank: int, world: int) -> dict[str, Any]:
+    """zero_all.zero.Init builds partitioned; initialize() at stage 3 trains it like an unpartitioned build."""
+    torch.manual_seed(0)
+    with zero_all.zero.Init():
+        model = TinyGPT()
+    empty = all(p.numel() == 0 for p in model.parameters())
+    engine, *_ = zero_all.initialize(model=model, config=_config(3))
+    got = train(engine, rank, world, 0, 2)
+    plain, *_ = zero_all.initialize(model=make_model(), config=_config(3))
+    want = train(plain, rank, world, 0, 2)
+    return {"empty": empty, "got": got, "want": want}

@@ -6,6 +6,7 @@
 """
 
 from act_ckpt import checkpointing
+from zero_all import zero
 from zero_all.api import add_config_arguments, initialize
 from zero_all.checkpoint.files import CheckpointCorruptError, CheckpointError
 from zero_all.config import ConfigError, ZeroAllConfig, load_config
@@ -30,4 +31,5 @@ __all__ = [
     "init_distributed",
     "initialize",
     "load_config",
+    "zero",
 ]
