@@ -43,6 +43,7 @@ from zero_shard.prefetch import ExecutionTrace
 __all__ = ["ParamCoordinator", "UnitPlan", "plan_units"]
 
 NamedGroup = list[tuple[str, nn.Parameter]]
+_CHECK_SLOTS = 8  # units one agreement check covers (and so the most units one prefetch launches)
 
 
 class UnitPlan:
@@ -224,35 +225,55 @@ class ParamCoordinator:
         return hook
 
     def _prefetch(self) -> None:
-        budget = self.prefetch_bucket_size
-        for index in self.trace.upcoming(self._numel, budget):
+        todo: list[Unit] = []
+        live = self.live_elements()
+        for index in self.trace.upcoming(self._numel, self.prefetch_bucket_size):
             u = self.units[index]
             if u.gathered or u.works is not None:
                 continue
-            if self.live_elements() + u.numel > self.max_live_parameters:
+            if live + u.numel > self.max_live_parameters or len(todo) == _CHECK_SLOTS:
                 break
-            self._check_same_unit(u, u.name)
-            u.launch()
-            self.prefetches += 1
+            todo.append(u)
+            live += u.numel
+        if todo:
+            # One agreement check for the whole batch, then every gather in flight at once.
+            self._check_same_units(todo, todo[0].name)
+            for u in todo:
+                u.launch()
+            self.prefetches += len(todo)
 
     def _check_same_unit(self, unit: Unit, module_name: str) -> None:
-        """Refuse to gather when the ranks are about to gather different units (a rank skipped a module)."""
+        self._check_same_units([unit], module_name)
+
+    def _check_same_units(self, units: list[Unit], module_name: str) -> None:
+        """Refuse to gather when the ranks are about to gather different units (a rank skipped a module).
+
+        A fixed-size vector (count, then the unit indices), so that ranks that disagree on how many units
+        they gather still run a collective of the same size and learn of it. A prefetch checks its whole
+        batch at once before launching it, so the check never queues right behind the batch's own data
+        collectives (a backend runs one group's collectives in order).
+        """
         if self.world_size == 1:
             return
         self.checks += 1
-        mine = torch.tensor([unit.index], dtype=torch.int64, device=unit.device)
-        every = torch.empty(self.world_size, dtype=torch.int64, device=unit.device)
+        device = units[0].device
+        mine = torch.full((_CHECK_SLOTS + 1,), -1, dtype=torch.int64, device=device)
+        mine[0] = len(units)
+        mine[1 : len(units) + 1] = torch.tensor([u.index for u in units], dtype=torch.int64)
+        every = torch.empty(self.world_size * (_CHECK_SLOTS + 1), dtype=torch.int64, device=device)
         try:
             fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
             fn(every, mine, group=self.group)
         except Exception as e:
             raise UnitGatherError(
                 f"rank {self.rank}: ZeRO-3 could not agree with the other ranks before gathering the parameters "
-                f"of {module_name} (unit {unit.name}): {e}"
+                f"of {module_name} (unit {units[0].name}): {e}"
             ) from e
-        indices = every.tolist()
-        if any(i != unit.index for i in indices):
-            names = ", ".join(f"rank {r}: {self._unit_name(i)}" for r, i in enumerate(indices))
+        rows = every.view(self.world_size, _CHECK_SLOTS + 1).tolist()
+        if any(row != rows[self.rank] for row in rows):
+            names = ", ".join(
+                f"rank {r}: {' + '.join(self._unit_name(i) for i in row[1 : row[0] + 1])}" for r, row in enumerate(rows)
+            )
             raise UnitGatherError(
                 f"rank {self.rank}: ZeRO-3 ranks requested different modules' parameters ({names}). Every rank "
                 f"must run the same modules in the same order under stage 3 (a layer skipped or a branch taken "
