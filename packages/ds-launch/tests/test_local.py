@@ -129,3 +129,27 @@ def test_no_ssh_nodes_stop_each_other(tmp_path: Path, launcher_env: dict[str, st
     assert end - float((out / "fail_time").read_text()) < 2 + 8
     for r in read_reports(out).values():
         assert not alive(r["pid"])
+
+
+def test_two_jobs_on_one_node_without_master_port(tmp_path: Path, launcher_env: dict[str, str]) -> None:
+    """No --master_port on one node: each job takes a free port (a fixed 29500 made the second fail)."""
+    launcher_env["TMPDIR"] = str(tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
+    outs = [tmp_path / "job0", tmp_path / "job1"]
+    procs = []
+    for out in outs:
+        out.mkdir()
+        argv = [*LAUNCHER, "--num_gpus", "2", str(WORKER), str(out), "--hold", "4"]
+        procs.append(
+            subprocess.Popen(argv, env=launcher_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    results = [p.communicate(timeout=100) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err
+    reports = [read_reports(out) for out in outs]
+    for job in reports:
+        assert sorted(job) == [0, 1] and all(r["world_size"] == 2 and r["sum"] == 3.0 for r in job.values())
+    ports = [job[0]["master_port"] for job in reports]
+    assert ports[0] != ports[1]
+    # Both jobs held their port at the same time (each wrote its report before the other finished).
+    assert not list((tmp_path / "tmp").glob("ds-launch-*")), "the per-run log folder was removed"
