@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from _dsl_helpers import WORKER, alive, free_port, read_reports
 
+from zero_testkit import scaled
+
 pytestmark = pytest.mark.timeout(240)
 
 
@@ -158,7 +160,7 @@ def _launch(
     argv += ["--hostfile", str(hosts.hostfile()), "--launcher", launcher, "--ssh_identity", str(hosts.key)]
     argv += ["--master_port", str(free_port()), *extra]
     argv += [str(WORKER), str(out), *worker_args]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, cwd=hosts.tmp)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=scaled(180), cwd=hosts.tmp)
     return proc, time.time()
 
 
@@ -234,7 +236,9 @@ def test_unreachable_host_stops_the_job(hosts: Hosts, tmp_path: Path) -> None:
     env = dict(os.environ, DS_LAUNCH_SSH_ARGS="-o UserKnownHostsFile=/dev/null")
     argv = ["ip", "netns", "exec", hosts.namespaces[0], sys.executable, "-m", "ds_launch", "--hostfile", str(hostfile)]
     argv += ["--ssh_identity", str(hosts.key), "--master_port", str(free_port()), "--term_timeout", "2"]
-    proc = subprocess.run([*argv, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True, timeout=90)
+    proc = subprocess.run(
+        [*argv, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True, timeout=scaled(90)
+    )
     assert proc.returncode == 255, proc.stderr
     assert "node process on host no-such-host.invalid exited with status 255" in proc.stderr
     # The agent that was waiting for the rendezvous is gone too (it may still be importing
