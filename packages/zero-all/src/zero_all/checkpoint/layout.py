@@ -122,19 +122,23 @@ class CheckpointWriter:
         self.tmp = self.save_dir / f".{self.tag}.tmp-{int(token.item()):x}"
         # The first failure on this rank: (file, OSError). Writes after it are skipped; commit()
         # makes every rank agree on failures before anything is renamed.
-        self.error: tuple[Path, OSError] | None = None
+        self.error: tuple[Path, Exception] | None = None
         if self.rank == 0:
             self._try(self.tmp, lambda: self.tmp.mkdir(parents=True))
         self._agree()
         self.files: dict[str, dict[str, Any]] = {}
 
     def _try(self, path: Path, write: Any) -> Any:
-        """Run ``write`` (which writes ``path``) unless an earlier write failed; keep its OSError."""
+        """Run ``write`` (which writes ``path``) unless an earlier write failed; keep its exception.
+
+        Any exception, not only OSError: a rank that raised here while the others went on to
+        the next collective would leave them waiting; _agree() raises it on every rank instead.
+        """
         if self.error is not None:
             return None
         try:
             return write()
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - re-raised (chained) by _agree on this rank
             self.error = (path, e)
             return None
 
@@ -152,9 +156,10 @@ class CheckpointWriter:
         )
         if self.error is not None:
             path, err = self.error
+            reason = (err.strerror or str(err)) if isinstance(err, OSError) else f"{type(err).__name__}: {err}"
+            todo = _what_to_do(err, self.save_dir) if isinstance(err, OSError) else "fix the cause above and save again"
             raise CheckpointError(
-                f"saving {where} failed on rank {self.rank} writing {path}: {err.strerror or err}. {after} "
-                f"To do: {_what_to_do(err, self.save_dir)}."
+                f"saving {where} failed on rank {self.rank} writing {path}: {reason}. {after} To do: {todo}."
             ) from err
         raise CheckpointError(
             f"saving {where} failed on rank(s) {failed} (their errors name the file). {after} "
@@ -181,14 +186,7 @@ class CheckpointWriter:
         final = self.save_dir / self.tag
         latest_error: OSError | None = None
         if self.rank == 0:
-            files = dict(self.files)
-            for r in range(self.world_size):
-                stem = _rank_stem(r)
-                rank_json = read_json(self.tmp / f"{stem}.json")
-                files[f"{stem}.safetensors"] = rank_json["tensors"]
-                files[f"{stem}.json"] = _record(self.tmp / f"{stem}.json")
-            body = {"format": FORMAT, "tag": self.tag, "world_size": self.world_size, "files": files, **manifest}
-            body["manifest_sha256"] = manifest_digest(body)
+            body = self._try(self.tmp / MANIFEST, lambda: self._manifest(manifest))
             self._try(self.tmp / MANIFEST, lambda: write_json_atomic(self.tmp / MANIFEST, body))
             self._try(self.tmp, lambda: self._move_into_place(final))
             if self.error is None and update_latest:
@@ -208,6 +206,18 @@ class CheckpointWriter:
                 f"Load this one with tag={self.tag!r}, or {_what_to_do(latest_error, self.save_dir)}."
             ) from latest_error
         return final
+
+    def _manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """The manifest body: every rank's file records, the caller's content, its own checksum."""
+        files = dict(self.files)
+        for r in range(self.world_size):
+            stem = _rank_stem(r)
+            rank_json = read_json(self.tmp / f"{stem}.json")
+            files[f"{stem}.safetensors"] = rank_json["tensors"]
+            files[f"{stem}.json"] = _record(self.tmp / f"{stem}.json")
+        body = {"format": FORMAT, "tag": self.tag, "world_size": self.world_size, "files": files, **manifest}
+        body["manifest_sha256"] = manifest_digest(body)
+        return body
 
     def _move_into_place(self, final: Path) -> None:
         """Rename the finished temporary directory to ``final``, moving an older copy aside first."""
