@@ -34,11 +34,15 @@ def test_one_package_install_keeps_the_cpu_torch(tmp_path: Path) -> None:
     dirs = _local_torch_dirs()
     if uv is None or not dirs:
         pytest.skip("needs uv and a local torch wheel folder (pip's find-links) to install the CPU torch from")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_FIND_LINKS", "VIRTUAL_ENV"))}
-    env["VIRTUAL_ENV"] = str(tmp_path / "venv")
-    subprocess.run([uv, "venv", "-q", str(tmp_path / "venv")], check=True, env=env, cwd=ROOT)
+    # No find-links from pip's or uv's environment, and this test's own venv (not the session's:
+    # nox points uv at its environment, so the target is named explicitly).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_", "VIRTUAL_ENV"))}
+    venv = tmp_path / "venv"
+    env["VIRTUAL_ENV"] = str(venv)
+    subprocess.run([uv, "venv", "-q", str(venv)], check=True, env=env, cwd=ROOT)
+    target = ["--python", str(venv / "bin" / "python")]
     first = subprocess.run(
-        [uv, "pip", "install", "-q", "-c", "constraints.txt", "--find-links", dirs[0], "torch"],
+        [uv, "pip", "install", "-q", *target, "-c", "constraints.txt", "--find-links", dirs[0], "torch"],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -46,7 +50,7 @@ def test_one_package_install_keeps_the_cpu_torch(tmp_path: Path) -> None:
     )
     assert first.returncode == 0, first.stderr
     second = subprocess.run(
-        [uv, "pip", "install", "--dry-run", "-c", "constraints.txt", "./packages/offload-io"],
+        [uv, "pip", "install", "--dry-run", *target, "-c", "constraints.txt", "./packages/offload-io"],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -56,5 +60,6 @@ def test_one_package_install_keeps_the_cpu_torch(tmp_path: Path) -> None:
         pytest.skip(f"no package index reachable: {second.stderr.strip()[-300:]}")
     assert second.returncode == 0, second.stderr
     plan = second.stdout + second.stderr
+    assert str(venv) in plan, plan  # resolved for the fresh venv
     assert "+ offload-io" in plan and "+ ds-native" in plan
     assert "+ torch" not in plan and "nvidia-" not in plan, plan
