@@ -120,7 +120,7 @@ class CheckpointWriter:
                 token = token.to(torch.device("cuda", torch.cuda.current_device()))
             dist.broadcast(token, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         self.tmp = self.save_dir / f".{self.tag}.tmp-{int(token.item()):x}"
-        # The first failure on this rank: (file, OSError). Writes after it are skipped; commit()
+        # The first failure on this rank: (file, exception). Writes after it are skipped; commit()
         # makes every rank agree on failures before anything is renamed.
         self.error: tuple[Path, Exception] | None = None
         if self.rank == 0:
