@@ -129,3 +129,39 @@ def test_sub_group_size_steps_in_pieces_with_the_same_result(dtype: str) -> None
         assert parts[0]["losses"] == whole[0]["losses"]
     else:
         np.testing.assert_allclose(parts[0]["losses"], whole[0]["losses"], rtol=1e-3)
+
+
+def test_execution_trace_predicts_and_falls_back() -> None:
+    from zero_shard.prefetch import ExecutionTrace
+
+    t = ExecutionTrace()
+    sizes = {0: 10, 1: 10, 2: 10, 3: 50}
+    t.start_iteration()
+    for u in (0, 1, 2, 3, 2, 1, 0):
+        t.observe(u)
+        assert t.upcoming(sizes.__getitem__, 100) == []  # nothing recorded yet
+    t.start_iteration()
+    t.observe(0)
+    assert t.upcoming(sizes.__getitem__, 25) == [1, 2]  # budget: 20 of 25 elements
+    assert t.reuse_distance(0, sizes.__getitem__) == 10 + 10 + 50 + 10 + 10
+    t.observe(2)  # unit 1 skipped this iteration: prediction stops, on-demand from here
+    assert not t.on_track and t.upcoming(sizes.__getitem__, 100) == []
+    t.observe(3)
+    t.start_iteration()  # the new order is adopted
+    assert t.recorded == [0, 2, 3] and t.invalidations == 1
+
+
+def test_reuse_distance_and_live_budget_decide_what_forward_keeps() -> None:
+    # One process: no collectives, the same policy. Defaults keep units from forward to backward.
+    kept = z3.run_zero(0, 1, 3, "fp32", 3, 1, 0.0, stage3_param_persistence_threshold=0)
+    released = z3.run_zero(
+        0, 1, 3, "fp32", 3, 1, 0.0, stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0
+    )
+    no_live = z3.run_zero(
+        0, 1, 3, "fp32", 3, 1, 0.0, stage3_param_persistence_threshold=0, stage3_max_live_parameters=0
+    )
+    assert released["losses"] == kept["losses"] == no_live["losses"]
+    # Released after forward: gathered again for backward (the shared block in between, too).
+    assert released["gathers"] > 1.5 * kept["gathers"]
+    # No live budget: nothing kept and nothing prefetched (every gather on demand).
+    assert no_live["prefetches"] == 0 and no_live["gathers"] >= released["gathers"]

@@ -160,6 +160,7 @@ def run_zero(
         "persistent_numel": sum(u.layout.numel for u in getattr(opt, "units", []) if u.persistent),
         "fetches": coord.fetches if coord else 0,
         "prefetches": coord.prefetches if coord else 0,
+        "gathers": coord.fetches + coord.prefetches if coord else 0,
         "sub_groups": opt.last_step_sub_groups,
     }
 
