@@ -113,6 +113,9 @@ class ZeroAllConfig(_Strict):
     memory_breakdown: bool = False
     prescale_gradients: bool = False
     gradient_predivide_factor: float = 1.0
+    gradient_allreduce_op: Literal["mean", "sum"] = "mean"
+    """How data-parallel gradients combine: "mean" (DeepSpeed's default) or "sum" (no division by the
+    world size). Case-insensitive, as in DeepSpeed."""
     seed: int | None = None
     dataloader_drop_last: bool = False
     zero_allow_untested_optimizer: bool = False
@@ -140,6 +143,11 @@ class ZeroAllConfig(_Strict):
     def raw(self) -> dict[str, Any]:
         """The config as written (after dropping ignored keys), the input of "auto" resolution."""
         return self._raw
+
+    @field_validator("gradient_allreduce_op", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("gradient_clipping", "gradient_predivide_factor")
     @classmethod
