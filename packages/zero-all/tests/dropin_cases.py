@@ -79,6 +79,9 @@ def comm_collectives(rank: int, world_size: int) -> dict[str, Any]:
     out["global_of_group_rank0"] = comm.get_global_rank(group, 0) if rank == 1 else None
     out["world_ranks"] = comm.get_all_ranks_from_group()
     comm.barrier()
+    # More checks that need two ranks, in the same processes (each spawn costs seconds on a loaded machine).
+    out["allreduce_op"] = {op: allreduce_op_sum(rank, world_size, op)["delta"] for op in ("mean", "SUM")}
+    out["state_dict_max_diff"] = optimizer_state_dict_round_trip(rank, world_size)["max_diff"]
     return out
 
 

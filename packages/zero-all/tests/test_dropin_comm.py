@@ -9,13 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from dropin_cases import (
-    allreduce_op_sum,
-    comm_collectives,
-    init_from_env,
-    init_from_mpi_env,
-    optimizer_state_dict_round_trip,
-)
+from dropin_cases import comm_collectives, init_from_env, init_from_mpi_env
 
 from zero_all import accelerator as acc
 from zero_testkit import free_port, run_distributed
@@ -23,8 +17,13 @@ from zero_testkit import free_port, run_distributed
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_collectives_match_their_definitions() -> None:
-    r0, r1 = run_distributed(comm_collectives, 2, timeout=180)
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict]:
+    return run_distributed(comm_collectives, 2, timeout=240)
+
+
+def test_collectives_match_their_definitions(two_ranks: list[dict]) -> None:
+    r0, r1 = two_ranks
     x = [np.array([1.0, 10.0]), np.array([2.0, 20.0])]  # each rank's input
     for r, out in enumerate((r0, r1)):
         assert (out["rank"], out["world"], out["local"]) == (r, 2, r)
@@ -52,31 +51,13 @@ def test_collectives_match_their_definitions() -> None:
     assert r1["group_ranks"] == [1] and r1["global_of_group_rank0"] == 1
 
 
-def test_comm_before_init_names_the_operation() -> None:
-    code = """
-        import torch, zero_all.comm as c
-        assert not c.is_initialized() and c.is_available()
-        try:
-            c.all_reduce(torch.ones(1))
-        except RuntimeError as e:
-            print(e)
-    """
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
-    assert "zero_all.comm.all_reduce: torch.distributed is not initialized" in out.stdout, out.stderr
-
-
-@pytest.mark.parametrize(("op", "factor"), [("mean", 0.5), ("SUM", 1.0)])
-def test_gradient_allreduce_op(op: str, factor: float) -> None:
-    """The update of SGD(lr=1) is the combined gradient: ranks give 1 and 2 -> mean 1.5, sum 3."""
-    r0, r1 = run_distributed(allreduce_op_sum, 2, op, timeout=180)
-    expected = np.full((2, 3), 3.0 * factor)
-    np.testing.assert_allclose(r0["delta"], expected, rtol=1e-6)
-    np.testing.assert_allclose(r1["delta"], expected, rtol=1e-6)
-
-
-def test_optimizer_state_dict_resumes_bit_for_bit_at_stage_2() -> None:
-    for r in run_distributed(optimizer_state_dict_round_trip, 2, timeout=180):
-        assert r["max_diff"] == 0.0
+def test_gradient_allreduce_op_and_optimizer_state_dict(two_ranks: list[dict]) -> None:
+    """SGD(lr=1)'s update is the combined gradient (ranks give 1 and 2: mean 1.5, sum 3); a rank's
+    ZeroShardedOptimizer.state_dict() at stage 2 resumes bit for bit."""
+    for out in two_ranks:
+        np.testing.assert_allclose(out["allreduce_op"]["mean"], np.full((2, 3), 1.5), rtol=1e-6)
+        np.testing.assert_allclose(out["allreduce_op"]["SUM"], np.full((2, 3), 3.0), rtol=1e-6)
+        assert out["state_dict_max_diff"] == 0.0
 
 
 def test_init_distributed_from_launcher_env() -> None:
@@ -94,14 +75,22 @@ def test_init_distributed_discovers_mpi() -> None:
 
 
 def test_init_distributed_arguments_in_a_fresh_process() -> None:
-    """dist_init_required=False needs a group (DeepSpeed asserts); init_method/rank/world_size reach torch."""
+    """Before a group: comm ops name themselves; dist_init_required=False needs a group (DeepSpeed asserts);
+    init_method/rank/world_size reach torch."""
     port = free_port()
     code = f"""
         import os, datetime
         import torch.distributed as dist
         import zero_all
+        import torch
+        import zero_all.comm as c
         for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
             os.environ.pop(k, None)
+        assert not c.is_initialized() and c.is_available()
+        try:
+            c.all_reduce(torch.ones(1))
+        except RuntimeError as e:
+            print("ERR0", e)
         try:
             zero_all.init_distributed(dist_init_required=False)
         except RuntimeError as e:
@@ -121,6 +110,7 @@ def test_init_distributed_arguments_in_a_fresh_process() -> None:
         print("OK2")
     """
     out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120)
+    assert "ERR0 zero_all.comm.all_reduce: torch.distributed is not initialized" in out.stdout, out.stderr
     assert "ERR1 init_distributed: dist_init_required=False but torch.distributed is not initialized" in out.stdout, (
         out.stderr
     )
