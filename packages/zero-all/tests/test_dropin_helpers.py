@@ -287,3 +287,28 @@ def test_math_of_step_size_validation_matches_deepspeed() -> None:
     for _ in range(3):
         s.step()
     assert math.isclose(opt.param_groups[0]["lr"], 0.1 + 0.9 * 3 / 4)
+
+
+# ---------------------------------------------------------------- deepspeed.utils logging helpers
+
+
+def test_log_dist_and_see_memory_usage(capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    from zero_all.utils import get_dist_msg, log_dist, see_memory_usage
+
+    # Before/without a process group in this process DeepSpeed logs everywhere, as rank -1.
+    if not torch.distributed.is_initialized():
+        assert get_dist_msg("hello", ranks=[3]) == "[Rank -1] hello"
+    else:
+        rank = torch.distributed.get_rank()
+        assert get_dist_msg("hello", ranks=[rank]) == f"[Rank {rank}] hello"
+        assert get_dist_msg("hello", ranks=[rank + 1]) is None
+        assert get_dist_msg("hello", ranks=[-1]) == f"[Rank {rank}] hello"
+        assert get_dist_msg("hello") is None
+    with caplog.at_level("INFO", logger="zero_all"):
+        log_dist("to the log", ranks=[-1])
+    assert "to the log" in caplog.text
+    see_memory_usage("quiet")  # force=False: nothing, as DeepSpeed
+    assert capsys.readouterr().out == ""
+    see_memory_usage("loud", force=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "loud" and lines[1].startswith("MA ") and lines[2].startswith("CPU Virtual Memory:  used = ")
