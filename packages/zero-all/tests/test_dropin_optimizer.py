@@ -187,3 +187,37 @@ def test_empty_partition_cache() -> None:
     engine.optimizer.empty_partition_cache = lambda: calls.append(1)  # what a stage-3 optimizer provides
     engine.empty_partition_cache()
     assert calls == [1]
+
+
+def test_config_may_name_a_torch_scheduler(tmp_path: Any) -> None:
+    """DeepSpeed builds "scheduler": {"type": "StepLR"} from torch.optim.lr_scheduler; so do we, checkpoint included."""
+    ref_lrs, ref_params = _torch_run(lambda opt: tls.StepLR(opt, step_size=3, gamma=0.5))
+
+    def make() -> Any:
+        cfg = {
+            "train_micro_batch_size_per_gpu": 4,
+            "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
+            "scheduler": {"type": "StepLR", "params": {"step_size": 3, "gamma": 0.5}},
+            "zero_optimization": {"stage": 1},
+        }
+        return zero_all.initialize(model=_model(), config=cfg)
+
+    engine, _, _, sched = make()
+    assert isinstance(sched, tls.StepLR)
+    lrs = []
+    for s in range(STEPS):
+        engine.backward(_loss(engine, _batch(s)))
+        engine.step()
+        lrs.append(engine.get_lr()[0])
+        if s == 4:
+            engine.save_checkpoint(tmp_path, tag="mid")
+    assert lrs == pytest.approx(ref_lrs)
+    for a, b in zip(engine.module.parameters(), ref_params, strict=True):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-6, atol=1e-7)
+    resumed, _, _, sched2 = make()
+    resumed.load_checkpoint(tmp_path, tag="mid")
+    assert sched2.last_epoch == 5 and resumed.get_lr() == [pytest.approx(ref_lrs[4])]
+    with pytest.raises(zero_all.ConfigError, match=r"accepted: WarmupLR.*StepLR"):
+        zero_all.ZeroAllConfig.load({"scheduler": {"type": "LambdaLR", "params": {}}})
+    with pytest.raises(zero_all.ConfigError, match=r"scheduler\.params: StepLR needs step_size"):
+        zero_all.ZeroAllConfig.load({"scheduler": {"type": "StepLR", "params": {}}})

@@ -1,7 +1,8 @@
 """DeepSpeed's learning-rate schedules, with DeepSpeed's formulas and parameter names.
 
 WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle and LRRangeTest (from
-deepspeed/runtime/lr_schedules.py). Each works on anything with ``param_groups`` (a torch
+deepspeed/runtime/lr_schedules.py); as in DeepSpeed a ds_config may also name a
+``torch.optim.lr_scheduler`` class (``"StepLR"``, ``"CosineAnnealingLR"``...), see ``build_scheduler``. Each works on anything with ``param_groups`` (a torch
 optimizer or zero-shard's ZeroShardedOptimizer), sets ``group["lr"]`` on ``step()``, and has a
 JSON-able ``state_dict()`` so checkpoints stay pickle-free.
 
@@ -25,7 +26,9 @@ __all__ = [
     "WarmupDecayLR",
     "WarmupLR",
     "build_scheduler",
+    "scheduler_class",
     "scheduler_param_names",
+    "torch_scheduler_names",
 ]
 
 WARMUP_LOG_RATE = "log"
@@ -391,16 +394,55 @@ SCHEDULERS: dict[str, type[_Schedule]] = {
 }
 
 
+# torch schedulers a ds_config can name (DeepSpeed falls back to torch.optim.lr_scheduler by name). Left
+# out: those that need Python objects (LambdaLR/MultiplicativeLR: functions, SequentialLR/ChainedScheduler:
+# other schedulers) and ReduceLROnPlateau, whose step() needs the metric the engine does not have.
+_TORCH_EXCLUDED = {
+    "LambdaLR",
+    "MultiplicativeLR",
+    "SequentialLR",
+    "ChainedScheduler",
+    "ReduceLROnPlateau",
+    "LRScheduler",
+}
+
+
+def torch_scheduler_names() -> list[str]:
+    """The ``torch.optim.lr_scheduler`` classes ``"scheduler": {"type": ...}`` may name."""
+    from torch.optim import lr_scheduler as tls
+
+    return sorted(
+        n
+        for n, c in vars(tls).items()
+        if isinstance(c, type) and issubclass(c, tls.LRScheduler) and n not in _TORCH_EXCLUDED and not n.startswith("_")
+    )
+
+
+def scheduler_class(name: str) -> type:
+    """DeepSpeed's schedule ``name``, else the torch.optim.lr_scheduler class of that name (KeyError if neither)."""
+    if name in SCHEDULERS:
+        return SCHEDULERS[name]
+    if name in torch_scheduler_names():
+        from torch.optim import lr_scheduler as tls
+
+        return getattr(tls, name)
+    raise KeyError(name)
+
+
 def scheduler_param_names(name: str) -> dict[str, bool]:
     """``{param: required}`` for a scheduler type (what ``scheduler.params`` may hold)."""
-    sig = inspect.signature(SCHEDULERS[name].__init__)
+    sig = inspect.signature(scheduler_class(name).__init__)
     return {
         p: spec.default is inspect.Parameter.empty
         for p, spec in sig.parameters.items()
-        if p not in ("self", "optimizer", "last_batch_iteration")
+        if p not in ("self", "optimizer", "last_batch_iteration", "last_epoch", "verbose")
+        and spec.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     }
 
 
-def build_scheduler(name: str, optimizer: Any, params: dict[str, Any]) -> _Schedule:
-    """Construct scheduler ``name`` over ``optimizer`` with ds_config ``params`` (already validated)."""
-    return SCHEDULERS[name](optimizer, **params)
+def build_scheduler(name: str, optimizer: Any, params: dict[str, Any]) -> Any:
+    """Construct scheduler ``name`` over ``optimizer`` with ds_config ``params`` (already validated).
+
+    A torch scheduler needs a ``torch.optim.Optimizer``: zero-shard's optimizer is one.
+    """
+    return scheduler_class(name)(optimizer, **params)
