@@ -207,9 +207,9 @@ class Engine(torch.nn.Module):
 
     def empty_partition_cache(self) -> None:
         """Stage 3: free every gathered (non-persistent) parameter now, e.g. before evaluation. No-op below stage 3."""
-        coordinator = getattr(self.optimizer, "coordinator", None)
-        if coordinator is not None:
-            coordinator.release_all()
+        release = getattr(self.optimizer, "empty_partition_cache", None)
+        if release is not None:
+            release()
 
     def consolidated_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
         """The whole model's state_dict on rank 0 (None on the other ranks); every rank must call it.
