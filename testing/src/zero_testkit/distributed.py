@@ -66,6 +66,7 @@ def _rank_main(
     init: bool,
     stack_file: str,
     results: Any,
+    env: dict[str, str],
 ) -> None:
     # Own process group, so the parent can kill this rank and anything it starts.
     os.setpgrp()
@@ -80,10 +81,19 @@ def _rank_main(
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
+        os.environ.update(env)
         try:
             if init:
+                extra: dict[str, Any] = {}
+                if backend == "nccl":
+                    # One GPU per rank, bound before the group exists (NCCL refuses two ranks on one device).
+                    import torch
+
+                    device = torch.device("cuda", rank % torch.cuda.device_count())
+                    torch.cuda.set_device(device)
+                    extra["device_id"] = device
                 dist.init_process_group(
-                    backend, rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}"
+                    backend, rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}", **extra
                 )
             value = fn(rank, world_size, *args, **kwargs)
             results.put((rank, "ok", value))
@@ -113,6 +123,7 @@ def run_distributed(
     timeout: float = 60.0,
     backend: str = "gloo",
     init_process_group: bool = True,
+    env: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks; return each rank's result.
@@ -120,8 +131,10 @@ def run_distributed(
     ``fn`` must be importable by name (a module-level function) and its
     arguments and return value picklable. Each rank sees RANK, LOCAL_RANK,
     WORLD_SIZE, LOCAL_WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR and MASTER_PORT as a
-    launcher would set them. With ``init_process_group=False`` the process
-    group is left for ``fn`` to create (e.g. from the environment).
+    launcher would set them, plus ``env`` (e.g. ``{"DS_ACCELERATOR": "cuda"}``).
+    With ``init_process_group=False`` the process group is left for ``fn`` to
+    create (e.g. from the environment). ``backend="nccl"`` binds rank r to
+    ``cuda:r`` (modulo the device count) before joining the group.
 
     Raises DistributedTestError with every failed rank's traceback when a rank
     raises, exits abnormally, or the whole run exceeds ``timeout`` seconds (then
@@ -135,7 +148,19 @@ def run_distributed(
         procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(fn, r, world_size, args, kwargs, port, backend, init_process_group, stack_files[r], results),
+                args=(
+                    fn,
+                    r,
+                    world_size,
+                    args,
+                    kwargs,
+                    port,
+                    backend,
+                    init_process_group,
+                    stack_files[r],
+                    results,
+                    env or {},
+                ),
                 daemon=True,
             )
             for r in range(world_size)
