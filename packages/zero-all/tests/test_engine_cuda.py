@@ -20,7 +20,8 @@ from torch import nn
 
 import zero_all
 from zero_all.distributed import get_device
-from zero_testkit import cuda_only, cuda_skip_reason, requires_gpus, run_distributed
+from zero_all.optim import optimizer_factory
+from zero_testkit import cuda_only, cuda_skip_reason, ds_native_cuda_skip_reason, requires_gpus, run_distributed
 
 LR, CLIP, GAS, MICRO = 1e-2, 0.5, 2, 8  # MICRO: the global batch of one micro step
 CUDA_ENV = {"DS_ACCELERATOR": "cuda"}
@@ -122,6 +123,7 @@ def _fp32_stages(rank: int, world: int) -> dict[str, Any]:
         engine, *_ = zero_all.initialize(model=_model(), config=_config(world, stage))
         losses = _train(engine, rank, world, 0, 6, torch.float32)
         out[stage] = (losses, _params(engine.module))
+        out["optimizer"] = type(engine.optimizer.inner).__name__
         out["device"] = str(engine.device)
         out["backend"] = str(torch.distributed.get_backend())
     return out
@@ -181,10 +183,24 @@ def test_get_device_follows_ds_accelerator(monkeypatch: pytest.MonkeyPatch) -> N
     assert get_device().type == ("cuda" if cuda_skip_reason() is None else "cpu")
 
 
+def test_adam_on_cuda_is_ds_natives_fused_kernel_unless_torch_adam() -> None:
+    import ds_native
+
+    p = [{"params": [nn.Parameter(torch.zeros(3))]}]
+    cuda = torch.device("cuda")
+    opt = optimizer_factory("Adam", {"lr": 1e-3}, cuda)(p)
+    # DeepSpeed: FusedAdam on GPUs; torch's AdamW when ds-native has no CUDA kernels or torch_adam is set.
+    assert type(opt).__name__ == ("FusedAdam" if ds_native.build_info()["cuda"] else "AdamW")
+    assert opt.defaults["weight_decay"] == 0.0
+    assert type(optimizer_factory("AdamW", {"torch_adam": True}, cuda)(p)) is torch.optim.AdamW
+    assert type(optimizer_factory("Adam", {"adam_w_mode": False, "torch_adam": True}, cuda)(p)) is torch.optim.Adam
+
+
 @cuda_only
 def test_one_gpu_fp32_stages_match_plain_torch() -> None:
     (r,) = run_distributed(_fp32_stages, 1, init_process_group=False, env=CUDA_ENV, timeout=240)
     assert r["device"] == "cuda:0" and r["backend"] == "nccl"  # initialize() built the group itself
+    assert r["optimizer"] == ("FusedAdam" if ds_native_cuda_skip_reason() is None else "AdamW")
     ref_losses, ref_params = r["ref"]
     for stage in (0, 1, 2):
         losses, params = r[stage]
