@@ -180,7 +180,8 @@ def bench_adam(device: torch.device, size: int, tensors: int, rounds: int, reps:
 
 
 def _gpt(spec: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    sys.path.insert(0, str(ROOT / "examples"))
+    if str(ROOT / "examples") not in sys.path:
+        sys.path.insert(0, str(ROOT / "examples"))
     from gpt import GPT, GPTConfig
 
     cfg = GPTConfig(
@@ -259,6 +260,8 @@ def bench_engine(
     rows = []
     for name, build in variants:
         _free(device)
+        # Peak memory of this variant alone: whatever an earlier one left behind is subtracted.
+        base_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         owner, step = build()
@@ -278,7 +281,9 @@ def bench_engine(
                 "params": num_params,
                 "ms": seconds * 1e3,
                 "tflops": model_flops_per_step(num_params, spec) / seconds / 1e12,
-                "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                "peak_gib": (torch.cuda.max_memory_allocated(device) - base_bytes) / 2**30
+                if device.type == "cuda"
+                else None,
                 "first_loss": float(losses[0]),
                 "last_loss": float(losses[-1]),
             }

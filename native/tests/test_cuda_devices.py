@@ -71,8 +71,8 @@ def test_fused_adam_trains_as_torch_adamw_on_cuda(impl: str) -> None:
 
 @ds_native_cuda_only
 def test_fused_adam_bf16_params_track_torch_fused_adamw() -> None:
-    # torch's fused AdamW on bf16 params also computes in fp32 and rounds each step: the two stay within a
-    # couple of bf16 ulps (2**-7 relative) after 10 steps.
+    # torch's fused AdamW on bf16 params also computes in fp32 and rounds each step, but keeps bf16 moments
+    # (ours are fp32): after 10 steps the two stay within a couple of bf16 ulps (2**-7 relative).
     gen = torch.Generator().manual_seed(3)
     init = torch.randn(4097, generator=gen).to(torch.bfloat16)
     grads = [torch.randn(4097, generator=gen).to(torch.bfloat16) for _ in range(10)]
@@ -85,7 +85,7 @@ def test_fused_adam_bf16_params_track_torch_fused_adamw() -> None:
             p.grad = g.cuda()
             opt.step()
         out.append(p.detach().float().cpu())
-    torch.testing.assert_close(out[0], out[1], rtol=2**-6, atol=2**-10)
+    torch.testing.assert_close(out[0], out[1], rtol=2**-6, atol=2**-9)
 
 
 @pytest.mark.cuda
