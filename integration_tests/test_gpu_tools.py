@@ -128,7 +128,7 @@ def test_junit_summary(check: ModuleType, tmp_path: Path) -> None:
     counts, failures = check._junit(xml)
     assert counts == {"passed": 1, "failed": 1, "skipped": 1}
     assert failures == ["native.tests.test_x::test_bad: assert 1 == 2"]
-    dirs = dict(check.test_dirs())
+    dirs = dict(check.cuda_test_dirs())
     assert {"ds-native", "zero-shard", "zero-all", "amp-scaler", "act-ckpt"} <= set(dirs)
 
 

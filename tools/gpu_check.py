@@ -281,7 +281,7 @@ def build_native(check: Check, torch: Any) -> Step:
 # ---- 3. tests ------------------------------------------------------------------------------------------------
 
 
-def test_dirs() -> list[tuple[str, Path]]:
+def cuda_test_dirs() -> list[tuple[str, Path]]:
     """(package, tests folder) for every folder whose tests mention CUDA (the others have nothing to run)."""
     dirs = [("zero-testkit", ROOT / "testing" / "tests"), ("ds-native", ROOT / "native" / "tests")]
     dirs += [(p.parent.name, p) for p in sorted(ROOT.glob("packages/*/tests"))]
@@ -316,7 +316,7 @@ def run_tests(check: Check) -> list[Step]:
         else ["-o", f"faulthandler_timeout={check.args.test_timeout}"]
     )
     steps = []
-    for name, folder in test_dirs():
+    for name, folder in cuda_test_dirs():
         t0 = time.monotonic()
         if check.remaining() < 20:
             steps.append(check.add(Step(f"tests {name}", None, "deadline reached before it could start")))
