@@ -2,10 +2,11 @@
 
 ``run_distributed(fn, world_size)`` runs ``fn(rank, world_size, *args)`` in
 ``world_size`` real processes joined by a gloo (or NCCL) process group, and
-fails with every rank's traceback instead of hanging. :mod:`zero_testkit.devices`
-says which devices a test can use here (cpu always, cuda when present) and
-skips with the reason otherwise; :mod:`zero_testkit.plugin` is the pytest
-plugin that provides the ``device`` fixture.
+fails with every rank's traceback instead of hanging. Its time limits, and
+pytest-timeout's, allow for a loaded machine (:mod:`zero_testkit.timeouts`).
+:mod:`zero_testkit.devices` says which devices a test can use here (cpu always,
+cuda when present) and skips with the reason otherwise; the pytest plugin
+(:mod:`zero_testkit.pytest_plugin`) provides the ``device`` fixture.
 """
 
 from zero_testkit.devices import (
@@ -19,6 +20,7 @@ from zero_testkit.devices import (
     requires_gpus,
 )
 from zero_testkit.distributed import DistributedTestError, free_port, run_distributed
+from zero_testkit.timeouts import max_scale, scaled, timeout_scale
 
 __all__ = [
     "DistributedTestError",
@@ -30,6 +32,9 @@ __all__ = [
     "ds_native_cuda_skip_reason",
     "free_port",
     "gpu_count",
+    "max_scale",
     "requires_gpus",
     "run_distributed",
+    "scaled",
+    "timeout_scale",
 ]

@@ -5,7 +5,7 @@ when torch sees a CUDA device, otherwise collected and skipped with the reason (
 or no device visible). The same goes for tests that need a ds-native built with its CUDA extension, and
 for multi-GPU tests (NCCL across ranks) that need at least N devices.
 
-Use the ``device`` fixture (registered by :mod:`zero_testkit.plugin`), or the marks directly::
+Use the ``device`` fixture (registered by :mod:`zero_testkit.pytest_plugin`), or the marks directly::
 
     from zero_testkit import cuda_only, device_params, requires_gpus
 
