@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nox
@@ -163,3 +164,29 @@ def bench(session: nox.Session) -> None:
     for script in sorted((ROOT / "benchmarks").glob("*.py")):
         if only is None or script.stem == only:
             session.run("python", str(script), *quick, "--json", str(out / f"{script.stem}.json"))
+
+
+def _python_with_torch() -> str | None:
+    """The interpreter for the GPU check: $GPU_CHECK_PYTHON, else nox's own, else python3/python on PATH,
+    whichever first imports torch (nox itself often lives in a pipx venv without it)."""
+    candidates = [os.environ.get("GPU_CHECK_PYTHON"), sys.executable, shutil.which("python3"), shutil.which("python")]
+    for py in dict.fromkeys(c for c in candidates if c):
+        if subprocess.run([py, "-c", "import torch"], capture_output=True, check=False).returncode == 0:
+            return py
+    return None
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """The GPU machine's one command: tools/gpu_check.py with an existing interpreter (no new venv).
+
+    Builds ds-native in place against the torch that is there, runs the CUDA tests per package and
+    benchmarks/gpu.py, prints one summary table (see docs/development.md, "On a GPU machine"). Arguments
+    after ``--`` go to the script (``--quick``, ``--out DIR``, ``--wheelhouse DIR``). Without CUDA: one
+    line, success.
+    """
+    python = _python_with_torch()
+    if python is None:
+        session.log("gpu: no Python with torch here (set GPU_CHECK_PYTHON); nothing to check")
+        return
+    session.run(python, str(ROOT / "tools" / "gpu_check.py"), *session.posargs, external=True)

@@ -8,11 +8,9 @@ import pytest
 import torch
 
 from amp_scaler import DynamicLossScaler, MixedPrecisionOptimizer, unscale_and_clip_
+from zero_testkit import cuda_marks
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none visible to torch)"),
-]
+pytestmark = cuda_marks()
 
 SCALE = 2.0**14
 

@@ -144,12 +144,13 @@ def test_static_scaler() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_has_overflow(dtype: torch.dtype) -> None:
+def test_has_overflow(dtype: torch.dtype, device: torch.device) -> None:
     s = DynamicLossScaler()
     ok = [torch.randn(5).to(dtype), None, torch.empty(0, dtype=dtype), torch.full((3,), 6e4).to(dtype)]
+    ok = [t if t is None else t.to(device) for t in ok]
     assert not s.has_overflow(ok)
     for bad in (float("inf"), float("-inf"), float("nan")):
-        t = torch.randn(7).to(dtype)
+        t = torch.randn(7).to(dtype).to(device)
         t[3] = bad
         assert s.has_overflow([*ok, t]), bad
 

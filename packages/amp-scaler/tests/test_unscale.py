@@ -1,4 +1,8 @@
-"""unscale_and_clip_ against torch.amp.GradScaler.unscale_ + torch.nn.utils.clip_grad_norm_."""
+"""unscale_and_clip_ against torch.amp.GradScaler.unscale_ + torch.nn.utils.clip_grad_norm_.
+
+The numerical tests take the ``device`` fixture (zero-testkit): cpu always, cuda on a machine with a GPU
+(there torch's reference is its CUDA GradScaler and foreach clip, and the same bitwise equality must hold).
+"""
 
 from __future__ import annotations
 
@@ -7,26 +11,29 @@ import math
 import pytest
 import torch
 
-from amp_scaler import GradScaler, global_grad_norm, unscale_and_clip_
+from amp_scaler import DynamicLossScaler, GradScaler, global_grad_norm, unscale_and_clip_
 
 SCALE = 2.0**14
 
 
-def make_params(dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.nn.Parameter]:
+def make_params(
+    dtype: torch.dtype = torch.float32, seed: int = 0, device: torch.device | str = "cpu"
+) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     shapes = [(7, 5), (13,), (1,), (4, 4, 3), (33,)]
     params = []
     for shape in shapes:
-        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype))
-        p.grad = (torch.randn(shape, generator=g) * SCALE).to(dtype)
+        p = torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+        p.grad = (torch.randn(shape, generator=g) * SCALE).to(dtype).to(device)
         params.append(p)
     return params
 
 
 def torch_reference(params: list[torch.nn.Parameter], max_norm: float, norm_type: float) -> float:
     opt = torch.optim.SGD(params, lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE)
-    scaler.scale(torch.ones(()))  # GradScaler needs a scale() call before unscale_()
+    device = params[0].device
+    scaler = torch.amp.GradScaler(device.type, init_scale=SCALE)
+    scaler.scale(torch.ones((), device=device))  # GradScaler needs a scale() call before unscale_()
     scaler.unscale_(opt)
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type))
@@ -35,8 +42,8 @@ def torch_reference(params: list[torch.nn.Parameter], max_norm: float, norm_type
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
 @pytest.mark.parametrize("max_norm", [0.0, 1.0, 1e6])
-def test_fp32_bitwise_equal_to_torch(max_norm: float, norm_type: float) -> None:
-    ours, ref = make_params(), make_params()
+def test_fp32_bitwise_equal_to_torch(max_norm: float, norm_type: float, device: torch.device) -> None:
+    ours, ref = make_params(device=device), make_params(device=device)
     expected = torch_reference(ref, max_norm, norm_type)
     norm, found_inf = unscale_and_clip_([p.grad for p in ours], 1.0 / SCALE, max_norm, norm_type=norm_type)
     assert not found_inf
@@ -48,9 +55,9 @@ def test_fp32_bitwise_equal_to_torch(max_norm: float, norm_type: float) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_grads_norm_in_fp32(dtype: torch.dtype) -> None:
+def test_low_precision_grads_norm_in_fp32(dtype: torch.dtype, device: torch.device) -> None:
     # Scaled fp16 grads whose norm exceeds fp16's range (65504): the norm must still be finite.
-    params = make_params(dtype)
+    params = make_params(dtype, device=device)
     grads = [p.grad for p in params]
     expected = torch.linalg.vector_norm(torch.cat([g.float().flatten() for g in grads])) / SCALE
     assert expected * SCALE > 65504
@@ -65,8 +72,8 @@ def test_low_precision_grads_norm_in_fp32(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_nonfinite_is_found_and_not_clipped(bad: float, dtype: torch.dtype) -> None:
-    params = make_params(dtype)
+def test_nonfinite_is_found_and_not_clipped(bad: float, dtype: torch.dtype, device: torch.device) -> None:
+    params = make_params(dtype, device=device)
     params[2].grad[0] = bad
     before = [p.grad.clone() for p in params]
     norm, found_inf = unscale_and_clip_([p.grad for p in params], 1.0 / SCALE, max_norm=1.0)
@@ -93,13 +100,13 @@ def test_bad_max_norm() -> None:
         unscale_and_clip_([torch.ones(2)], 1.0, max_norm=-1.0)
 
 
-def _train(scaler_kind: str, steps: int = 6) -> list[torch.Tensor]:
+def _train(scaler_kind: str, steps: int = 6, device: torch.device | str = "cpu") -> list[torch.Tensor]:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    x, y = torch.randn(32, 8), torch.randn(32, 1)
+    x, y = torch.randn(32, 8).to(device), torch.randn(32, 1).to(device)
     if scaler_kind == "torch":
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0**16)
     else:
         scaler = GradScaler()
     for _ in range(steps):
@@ -116,16 +123,15 @@ def _train(scaler_kind: str, steps: int = 6) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def test_grad_scaler_drop_in_matches_torch_bitwise() -> None:
+def test_grad_scaler_drop_in_matches_torch_bitwise(device: torch.device) -> None:
     # No overflow in this run, so both keep 2**16 and the updates are bit-identical.
-    for a, b in zip(_train("torch"), _train("ours"), strict=True):
+    for a, b in zip(_train("torch", device=device), _train("ours", device=device), strict=True):
         assert torch.equal(a, b)
 
 
 def test_grad_scaler_skips_overflow_and_halves() -> None:
     p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([p], lr=1.0)
-    from amp_scaler import DynamicLossScaler
 
     scaler = GradScaler(DynamicLossScaler(init_scale=1024, hysteresis=1))
     p.grad = torch.tensor([1.0, math.inf, 0.0])
@@ -141,3 +147,43 @@ def test_grad_scaler_skips_overflow_and_halves() -> None:
         p.grad = torch.ones(3)
         scaler.unscale_(opt)
         scaler.unscale_(opt)
+
+
+def _autocast_fp16_run(kind: str, device: str, steps: int = 20) -> tuple[list[torch.Tensor], list[float], int]:
+    """fp32 params, fp16 autocast forward, a first loss scale so large that the fp16 backward overflows."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).to(device)
+    init = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g = torch.Generator(device=device).manual_seed(1)
+    if kind == "torch":
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**26, growth_interval=1000)
+    else:
+        # hysteresis=1 and a long window: the same halve-on-overflow rule as torch's for this short run.
+        scaler = GradScaler(DynamicLossScaler(init_scale=2.0**26, hysteresis=1, scale_window=1000))
+    scales, skipped = [], 0
+    for _ in range(steps):
+        x = torch.randn(32, 64, device=device, generator=g) * 10
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.float16):
+            loss = model(x).float().pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        before = float(scaler.get_scale())
+        scaler.step(opt)
+        scaler.update()
+        skipped += float(scaler.get_scale()) < before
+        scales.append(float(scaler.get_scale()))
+    moved = sum(not torch.equal(a, b) for a, b in zip(init, model.parameters(), strict=True))
+    assert moved == len(init), "the run must also take steps, or the comparison below proves nothing"
+    return [p.detach().clone() for p in model.parameters()], scales, skipped
+
+
+def test_fp16_autocast_overflow_is_detected_as_torch_detects_it(device: torch.device) -> None:
+    ours, our_scales, our_skips = _autocast_fp16_run("ours", device.type)
+    ref, ref_scales, ref_skips = _autocast_fp16_run("torch", device.type)
+    # 2**26 times an fp16 activation gradient overflows: the first steps are skipped, by both alike.
+    assert our_skips >= 2 and our_skips == ref_skips
+    assert our_scales == ref_scales
+    for a, b in zip(ours, ref, strict=True):
+        assert torch.equal(a, b)  # unscale by powers of two is exact: the same steps give the same bits

@@ -70,6 +70,7 @@ def _rank_main(
     stack_file: str,
     results: Any,
     pg_timeout: float,
+    env: dict[str, str],
 ) -> None:
     # Own process group, so the parent can kill this rank and anything it starts.
     os.setpgrp()
@@ -84,8 +85,17 @@ def _rank_main(
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
         )
+        os.environ.update(env)
         try:
             if init:
+                extra: dict[str, Any] = {}
+                if backend == "nccl":
+                    # One GPU per rank, bound before the group exists (NCCL refuses two ranks on one device).
+                    import torch
+
+                    device = torch.device("cuda", rank % torch.cuda.device_count())
+                    torch.cuda.set_device(device)
+                    extra["device_id"] = device
                 # Longer than the whole test may take: a collective that is slow under load is
                 # never cut short; a hang is caught by the parent's deadline, with stacks.
                 dist.init_process_group(
@@ -94,6 +104,7 @@ def _rank_main(
                     world_size=world_size,
                     init_method=f"tcp://127.0.0.1:{port}",
                     timeout=timedelta(seconds=pg_timeout),
+                    **extra,
                 )
             value = fn(rank, world_size, *args, **kwargs)
             results.put((rank, "ok", value))
@@ -123,6 +134,7 @@ def run_distributed(
     timeout: float = 60.0,
     backend: str = "gloo",
     init_process_group: bool = True,
+    env: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` ranks; return each rank's result.
@@ -130,8 +142,10 @@ def run_distributed(
     ``fn`` must be importable by name (a module-level function) and its
     arguments and return value picklable. Each rank sees RANK, LOCAL_RANK,
     WORLD_SIZE, LOCAL_WORLD_SIZE, LOCAL_SIZE, MASTER_ADDR and MASTER_PORT as a
-    launcher would set them. With ``init_process_group=False`` the process
-    group is left for ``fn`` to create (e.g. from the environment).
+    launcher would set them, plus ``env`` (e.g. ``{"DS_ACCELERATOR": "cuda"}``).
+    With ``init_process_group=False`` the process group is left for ``fn`` to
+    create (e.g. from the environment). ``backend="nccl"`` binds rank r to
+    ``cuda:r`` (modulo the device count) before joining the group.
 
     Raises DistributedTestError with every failed rank's traceback when a rank
     raises, exits abnormally, or the whole run exceeds ``timeout`` seconds times
@@ -160,6 +174,7 @@ def run_distributed(
                     stack_files[r],
                     results,
                     pg_timeout,
+                    env or {},
                 ),
                 daemon=True,
             )

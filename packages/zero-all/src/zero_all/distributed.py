@@ -46,8 +46,17 @@ def default_timeout() -> timedelta:
 
 
 def get_device() -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
-    if torch.cuda.is_available():
+    """This rank's device: ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
+
+    ``DS_ACCELERATOR`` (DeepSpeed's override) chooses instead: ``cpu`` keeps a CUDA machine's ranks on
+    the CPU (gloo), ``cuda`` insists on CUDA and fails when torch sees none.
+    """
+    choice = os.environ.get("DS_ACCELERATOR", "").strip().lower()
+    if choice not in ("", "cpu", "cuda"):
+        raise ValueError(f"DS_ACCELERATOR={choice!r} is not supported; accepted: 'cpu', 'cuda' (or unset: automatic)")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"DS_ACCELERATOR=cuda, but torch {torch.__version__} sees no CUDA device")
+    if choice != "cpu" and torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device("cpu")

@@ -117,6 +117,16 @@ def _cpu_adam() -> type[torch.optim.Optimizer] | None:
     return CPUAdam
 
 
+def _cuda_fused_adam() -> type[torch.optim.Optimizer] | None:
+    """ds-native's CUDA FusedAdam when its CUDA extension was built (DeepSpeed's default Adam on GPUs)."""
+    try:
+        import ds_native
+        from ds_native.optim import FusedAdam
+    except ImportError:
+        return None
+    return FusedAdam if ds_native.build_info()["cuda"] else None
+
+
 def optimizer_factory(type_name: str, params: dict[str, Any], device: torch.device) -> OptimizerFactory:
     """A factory ``f(param_groups) -> Optimizer`` for a validated ``"optimizer"`` section (no "auto" left)."""
     check_optimizer(type_name, params)
@@ -154,12 +164,19 @@ def _adam_factory(params: dict[str, Any], device: torch.device) -> OptimizerFact
     params.setdefault("weight_decay", 0.0)
     if "betas" in params:
         params["betas"] = tuple(params["betas"])
-    cpu_adam = _cpu_adam() if device.type == "cpu" and not torch_adam and not params.get("amsgrad") else None
+    native = not torch_adam and not params.get("amsgrad")
+    cpu_adam = _cpu_adam() if device.type == "cpu" and native else None
     if cpu_adam is not None:
         return lambda groups: cpu_adam(groups, adamw_mode=adam_w_mode, bias_correction=bias_correction, **params)
+    # On CUDA, as DeepSpeed does: the fused multi-tensor kernel unless torch_adam (one pass over p, g, m, v;
+    # torch's default foreach AdamW makes several).
+    fused_adam = _cuda_fused_adam() if device.type == "cuda" and native else None
+    if fused_adam is not None:
+        return lambda groups: fused_adam(groups, adamw_mode=adam_w_mode, bias_correction=bias_correction, **params)
     if not bias_correction:
         raise ConfigError(
-            "ds_config.optimizer.params.bias_correction=false needs ds-native's CPUAdam (CPU, torch_adam false); "
+            "ds_config.optimizer.params.bias_correction=false needs ds-native's CPUAdam or CUDA FusedAdam "
+            "(torch_adam false); "
             "torch's Adam/AdamW always apply bias correction"
         )
     cls = torch.optim.AdamW if adam_w_mode else torch.optim.Adam
