@@ -1,4 +1,4 @@
-"""ZeRO stages 0/1/2 on each device: one process on cpu and cuda against plain torch AdamW, two ranks with CUDA
+"""ZeRO stages 0/1/2/3 on each device: one process on cpu and cuda against plain torch AdamW, two ranks with CUDA
 tensors over gloo (one GPU is enough), and NCCL across two GPUs.
 
 The cuda cases are collected everywhere and skip with the reason without a device (``pytest -m cuda``).
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from amp_scaler import DynamicLossScaler
-from zero_shard import ZeroConfig, ZeroShardedOptimizer, default_optimizer_factory
+from zero_shard import GatheredParameters, ZeroConfig, ZeroShardedOptimizer, default_optimizer_factory
 from zero_testkit import cuda_only, requires_gpus, run_distributed
 
 LR, WD, STEPS, BATCH = 1e-2, 0.01, 4, 16
@@ -62,6 +62,7 @@ def _zero(
         compute_dtype=DTYPES[dtype],
         loss_scaler=scaler,
         gradient_clipping=clip,
+        module=model if stage == 3 else None,
     )
     n = BATCH // world
     for step in range(STEPS):
@@ -69,7 +70,8 @@ def _zero(
         x, y = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
         opt.backward(nn.functional.mse_loss(model(x.to(DTYPES[dtype])).float(), y))
         opt.step()
-    return {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters()}, opt
+    with GatheredParameters(list(model.parameters())):  # stage 3: gathered to read; a no-op below
+        return {n: p.detach().float().cpu().numpy() for n, p in model.named_parameters()}, opt
 
 
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
@@ -77,7 +79,9 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize(
-    ("stage", "overlap"), [(0, False), (1, True), (2, False), (2, True)], ids=["0", "1-overlap", "2", "2-overlap"]
+    ("stage", "overlap"),
+    [(0, False), (1, True), (2, False), (2, True), (3, True)],
+    ids=["0", "1-overlap", "2", "2-overlap", "3"],
 )
 def test_one_rank_matches_torch_adamw(device: torch.device, stage: int, overlap: bool) -> None:
     ref = _plain(device.type, clip=0.5)
@@ -153,7 +157,7 @@ def _check_against_one_process(results: list[dict[str, Any]]) -> None:
 
 
 @cuda_only
-@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_two_ranks_with_cuda_tensors_over_gloo(stage: int) -> None:
     # gloo moves CUDA tensors for all_reduce and broadcast, the collectives zero-shard picks for it.
     results = run_distributed(_ranks, 2, stage, {"overlap_comm": True}, timeout=180)
@@ -163,12 +167,12 @@ def test_two_ranks_with_cuda_tensors_over_gloo(stage: int) -> None:
 
 @requires_gpus(2)
 @pytest.mark.multi_gpu
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 def test_two_gpus_over_nccl(stage: int, overlap: bool) -> None:
     # NCCL: reduce to the owner + all-gather (the textbook collectives) for stages 1-2.
     results = run_distributed(_ranks, 2, stage, {"overlap_comm": overlap}, backend="nccl", timeout=180)
     assert results[0]["backend"] == "nccl"
-    if stage:
+    if stage in (1, 2):
         assert "grad='reduce'" in results[0]["collectives"] and "param='all_gather'" in results[0]["collectives"]
     _check_against_one_process(results)
