@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT", "consolidate", "load_sharded_state", "sharded_state"]
 
 FORMAT = "zero-shard/1"
+RANK_LOCAL = "__rank_local__/"  # tensor-name prefix of per-rank optimizer state (never resharded)
 Shard = tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 
@@ -68,10 +69,14 @@ def sharded_state(opt: ZeroShardedOptimizer) -> Shard:
         lo, hi = lay.partition(opt.rank)
         master = opt.masters[g].detach()
         state = opt.inner.state.get(opt.masters[g], {})
+        # State that differs per rank (onebit-comm's error-feedback buffers) is saved whole, per rank.
+        local = _rank_local(opt, g)
+        for k, t in local.items():
+            tensors[f"{RANK_LOCAL}{g}/{k}"] = t.detach().clone()
         # Stage 0 holds the whole group: save only the range this rank would own at stage 1.
         part = {"master": master[lo:hi] if opt.stage == 0 else master}
         for k, v in state.items():
-            if _is_elementwise(v):
+            if _is_elementwise(v) and k not in local:
                 part[k] = v[lo:hi] if opt.stage == 0 else v
         for slot in lay.slots:
             params[slot.name] = {"group": g, "shape": list(slot.shape), "start": 0, "end": 0}
@@ -83,8 +88,15 @@ def sharded_state(opt: ZeroShardedOptimizer) -> Shard:
                 # Own storage, contiguous: safetensors refuses views that share memory.
                 tensors[f"{slot.name}/{k}"] = t[off : off + b - a].detach().clone()
         hyper = {k: _jsonable(v) for k, v in opt.inner.param_groups[g].items() if k != "params"}
-        scalars = {k: _encode_scalar(v) for k, v in state.items() if not _is_elementwise(v)}
-        groups.append({"hyper": hyper, "scalars": scalars, "state_keys": sorted(k for k in part if k != "master")})
+        scalars = {k: _encode_scalar(v) for k, v in state.items() if not _is_elementwise(v) and k not in local}
+        groups.append(
+            {
+                "hyper": hyper,
+                "scalars": scalars,
+                "state_keys": sorted(k for k in part if k != "master"),
+                "rank_local_keys": sorted(local),
+            }
+        )
     meta = {
         "format": FORMAT,
         "stage": opt.stage,
@@ -193,6 +205,7 @@ def load_sharded_state(opt: ZeroShardedOptimizer, shards: list[Shard]) -> None:
         for k, d in group_meta["scalars"].items():
             state[k] = _decode_scalar(d, master.device)
         opt.inner.state[master] = state
+        _load_rank_local(opt, shards, g)
         group = opt.inner.param_groups[g]
         for k, v in group_meta["hyper"].items():
             if k in group and isinstance(v, bool | int | float | list):
@@ -202,6 +215,30 @@ def load_sharded_state(opt: ZeroShardedOptimizer, shards: list[Shard]) -> None:
     opt.reducer.zero_grad()
     if load_master:
         opt._refresh_model()
+
+
+def _rank_local(opt: ZeroShardedOptimizer, g: int) -> dict[str, torch.Tensor]:
+    """The inner optimizer's per-rank tensors for group ``g`` (none unless it declares some)."""
+    get = getattr(opt.inner, "rank_local_state", None)
+    return dict(get(opt.masters[g])) if get is not None else {}
+
+
+def _load_rank_local(opt: ZeroShardedOptimizer, shards: list[Shard], g: int) -> None:
+    """Hand this rank's saved per-rank tensors of group ``g`` back to the inner optimizer.
+
+    Only at the saving world size (they exist once per rank); elsewhere the optimizer gets ``None``
+    and decides (onebit-comm's raise a clear error rather than continue with wrong error feedback).
+    """
+    load = getattr(opt.inner, "load_rank_local_state", None)
+    if load is None:
+        return
+    saved_world = int(shards[0][1]["world_size"])
+    keys = list(shards[0][1]["groups"][g].get("rank_local_keys", []))
+    mine = None
+    if keys and saved_world == opt.world_size:
+        tensors = shards[opt.rank][0]
+        mine = {k: tensors[f"{RANK_LOCAL}{g}/{k}"] for k in keys}
+    load(opt.masters[g], mine, saved_world, keys)
 
 
 def _any_name(shards: list[Shard], lay: Any) -> str | None:
