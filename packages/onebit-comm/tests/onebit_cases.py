@@ -146,6 +146,11 @@ def _make_optimizer(name: str, params: Any, kw: dict[str, Any]) -> tuple[torch.o
     return cls(params, **kw), False
 
 
+def run_key(name: str, kw: dict[str, Any]) -> str:
+    """The key :func:`train` files a run under."""
+    return f"{name}:{sorted(kw.items())}"
+
+
 def train(rank: int, world: int, runs: list[tuple[str, dict[str, Any]]], steps: int) -> dict[str, Any]:
     """Train the tiny GPT once per ``(optimizer name, kwargs)``, same init and data; per-run loss curve and bytes."""
     # One intra-op thread per rank: the ranks already share the cores, and a tiny model gains nothing
@@ -172,9 +177,45 @@ def train(rank: int, world: int, runs: list[tuple[str, dict[str, Any]]], steps: 
             losses.append(float(ls) / world)
         # 0/1 Adam's local steps leave ranks apart between synchronisations; report rank 0's copy.
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-        out[f"{name}:{sorted(kw.items())}"] = {
+        out[run_key(name, kw)] = {
             "losses": losses,
             "bytes": getattr(getattr(opt, "stats", None), "bytes_sent", 0),
             "params": flat.numpy(),
         }
     return out
+
+
+def resume(rank: int, world: int, name: str, kw: dict[str, Any], save_at: int, steps: int) -> dict[str, Any]:
+    """Train to ``save_at``, copy the model and optimizer ``state_dict``, train on; rebuild, load, train the same steps."""
+    torch.set_num_threads(1)
+
+    def run(model: nn.Module, opt: torch.optim.Optimizer, lo: int, hi: int) -> None:
+        for step in range(lo, hi):
+            x, y = batch(step, rank)
+            opt.zero_grad(set_to_none=True)
+            model(x, y).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    model = TinyGPT()
+    opt, _ = _make_optimizer(name, model.parameters(), kw)
+    run(model, opt, 0, save_at)
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = opt.state_dict()
+    # torch's state_dict holds references to the live state: deep-copy the tensors.
+    saved_opt["state"] = {
+        i: {k: v.clone() if torch.is_tensor(v) else (list(v) if isinstance(v, list) else v) for k, v in st.items()}
+        for i, st in saved_opt["state"].items()
+    }
+    keys = sorted(saved_opt["state"][0])
+    run(model, opt, save_at, steps)
+    want = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    torch.manual_seed(1)
+    model2 = TinyGPT()
+    model2.load_state_dict(saved_model)
+    opt2, _ = _make_optimizer(name, model2.parameters(), kw)
+    opt2.load_state_dict(saved_opt)
+    run(model2, opt2, save_at, steps)
+    got = torch.cat([p.detach().reshape(-1) for p in model2.parameters()])
+    return {"want": want.numpy(), "got": got.numpy(), "state_keys": keys}

@@ -123,9 +123,7 @@ def compressed_allreduce(
         return tensor
     _check_buffers(tensor, worker_error, server_error, w)
     c8 = chunk_numel(n, w) // 8
-    x = torch.zeros(padded_numel(n, w), dtype=torch.float32, device=tensor.device)
-    x[:n].copy_(tensor.reshape(-1))
-    packed, scales = compress_chunks_(x, worker_error, n, w)
+    packed, scales = compress_chunks_(tensor, worker_error, n, w)
 
     # Phase 1: chunk j (its sign bytes, then its scale's 4 bytes) goes to rank j.
     send = torch.empty(w, c8 + 4, dtype=torch.uint8, device=tensor.device)
@@ -148,9 +146,11 @@ def compressed_allreduce(
     except RuntimeError as e:
         raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: phase 2 all_gather failed: {e}") from e
     out = out.view(w, c8 + 4)
-    result = decode_chunks(out[:, :c8], _bytes_scale(out[:, c8:]), n)
     with torch.no_grad():
-        tensor.copy_(result.view(tensor.shape))
+        if tensor.dtype == torch.float32 and tensor.is_contiguous() and n == padded_numel(n, w):
+            decode_chunks(out[:, :c8], _bytes_scale(out[:, c8:]), n, out=tensor.view(-1))  # straight in
+        else:
+            tensor.copy_(decode_chunks(out[:, :c8], _bytes_scale(out[:, c8:]), n).view(tensor.shape))
     if stats is not None:
         # Counted from the buffers actually handed to the collectives: phase 1 sends every row but
         # this rank's own; phase 2 delivers this rank's message to each of the W-1 others.

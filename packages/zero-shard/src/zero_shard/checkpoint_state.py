@@ -5,6 +5,9 @@ not by rank or partition, so nothing about the saving run's world size or stage 
 
 - tensors: ``"<name>/master"`` (fp32 master values) and ``"<name>/<state key>"`` (e.g. ``exp_avg``) for
   the elements ``[start, end)`` of that parameter that this rank holds;
+- ``"__rank_local__/<group>/<key>"``: state the inner optimizer declares per rank (``rank_local_state``:
+  onebit-comm's error-feedback buffers), saved whole by every rank and given back only at the same
+  world size (``load_rank_local_state`` decides what happens elsewhere);
 - metadata (JSON-able): for every parameter its group, global shape and this rank's ``[start, end)``
   (empty when it holds none), the stage, world size and rank, each group's hyperparameters and scalar
   optimizer state (Adam's ``step``), the loss scaler's state and the number of steps taken.
