@@ -163,6 +163,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return queue.get()
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def report(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     print(f"compressed_allreduce vs dist.all_reduce (fp32), {WORLD} gloo ranks, median of {args.reps}")
     print(
@@ -188,7 +199,7 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "steps": st,
         "meta": {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores".strip(),
+            "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.machine()}",
             "torch": torch.__version__,
             "world_size": WORLD,
             "backend": "gloo",

@@ -135,7 +135,9 @@ def decode_row(packed: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | No
     (fp32 ``[C]``, contiguous) when given.
     """
     table = _sign_table(packed.device) * scale.reshape(1, 1)
-    idx = packed.reshape(-1).to(torch.int32)
+    flat = packed.reshape(-1)
+    idx = _WS.get("idx", flat.numel(), torch.int32, packed.device)
+    idx.copy_(flat)  # index_select wants int32/int64 indices, not bytes
     if out is None:
         return torch.index_select(table, 0, idx).view(-1)
     torch.index_select(table, 0, idx, out=out.view(-1, 8))
