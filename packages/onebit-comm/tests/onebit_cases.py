@@ -76,7 +76,7 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    """A 2-layer, 32-wide GPT over a 32-token vocabulary (about 27k parameters)."""
+    """A 2-layer, 32-wide GPT over a 32-token vocabulary (about 28k parameters)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -245,3 +245,23 @@ def test_error_buffers_of_another_world_size_are_refused() -> None:
     sd["state"][0]["server_error"] = torch.zeros(16)
     with pytest.raises(ValueError, match=r"saved for another world size.*cannot be resharded"):
         OneBitAdam([p], freeze_step=0).load_state_dict(sd)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kw"),
+    [
+        (OneBitAdam, {"freeze_step": 7, "comm_backend_name": "mpi"}),
+        (ZeroOneAdam, {"var_freeze_step": 9, "var_update_scaler": 3, "local_step_scaler": 5, "local_step_clipper": 2}),
+        (OneBitLamb, {"freeze_step": 4, "coeff_beta": 0.5, "factor_max": 3.0, "factor_threshold": 0.2}),
+    ],
+    ids=lambda v: getattr(v, "__name__", ""),
+)
+def test_rebuilt_from_defaults_keeps_every_setting(cls: type, kw: dict[str, Any]) -> None:
+    # zero-all rebuilds an optimizer passed to initialize() as cls(groups, **defaults it accepts).
+    import inspect
+
+    opt = cls([_param()], lr=0.01, **kw)
+    accepted = set(inspect.signature(cls.__init__).parameters)
+    again = cls([_param()], **{k: v for k, v in opt.defaults.items() if k in accepted})
+    for k, v in kw.items():
+        assert getattr(again, k) == v, k

@@ -63,6 +63,10 @@ class OneBitAdam(CompressedOptimizer):
             weight_decay=weight_decay,
             bias_correction=bias_correction,
             max_grad_norm=max_grad_norm,
+            # Optimizer-wide settings too, so that rebuilding from .defaults (zero-all does that for an
+            # optimizer passed to initialize()) keeps them; the step reads the attributes set below.
+            freeze_step=int(freeze_step),
+            eps_inside_sqrt=eps_inside_sqrt,
         )
         super().__init__(
             params,

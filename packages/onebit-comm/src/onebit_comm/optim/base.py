@@ -65,6 +65,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         b1, b2 = defaults["betas"]
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"{name}: betas must be in [0, 1), got {defaults['betas']!r}")
+        defaults = {**defaults, "cuda_aware": bool(cuda_aware), "comm_backend_name": comm_backend_name}
         super().__init__(params, defaults)
         self.name = name
         self.cuda_aware = bool(cuda_aware)  # DeepSpeed's MPI switch; torch.distributed decides here

@@ -85,6 +85,14 @@ class OneBitLamb(CompressedOptimizer):
             weight_decay=weight_decay,
             bias_correction=bias_correction,
             max_grad_norm=max_grad_norm,
+            # Optimizer-wide settings too, so that rebuilding from .defaults (zero-all does that for an
+            # optimizer passed to initialize()) keeps them; the step reads the attributes set below.
+            freeze_step=int(freeze_step),
+            coeff_beta=coeff_beta,
+            factor_max=factor_max,
+            factor_min=factor_min,
+            factor_threshold=factor_threshold,
+            eps_inside_sqrt=eps_inside_sqrt,
             max_coeff=max_coeff,
             min_coeff=min_coeff,
         )

@@ -83,6 +83,13 @@ class ZeroOneAdam(CompressedOptimizer):
             weight_decay=weight_decay,
             bias_correction=bias_correction,
             max_grad_norm=max_grad_norm,
+            # Optimizer-wide settings too, so that rebuilding from .defaults (zero-all does that for an
+            # optimizer passed to initialize()) keeps them; the step reads the attributes set below.
+            var_freeze_step=int(var_freeze_step),
+            var_update_scaler=int(var_update_scaler),
+            local_step_scaler=int(local_step_scaler),
+            local_step_clipper=int(local_step_clipper),
+            eps_inside_sqrt=eps_inside_sqrt,
         )
         super().__init__(
             params,
