@@ -205,6 +205,12 @@ class Engine(torch.nn.Module):
             load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
         )
 
+    def empty_partition_cache(self) -> None:
+        """Release gathered ZeRO-3 parameters held for reuse (DeepSpeed's method); nothing to release below stage 3."""
+        release = getattr(self.optimizer, "empty_partition_cache", None)
+        if release is not None:
+            release()
+
     def destroy(self) -> None:
         """Close monitors."""
         self.monitor.close()

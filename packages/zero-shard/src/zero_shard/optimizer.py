@@ -38,6 +38,7 @@ from zero_shard.comm import CollectiveChoice, choose_collectives, gather_partiti
 from zero_shard.config import ZeroConfig
 from zero_shard.flat_buffer import FlatLayout
 from zero_shard.grad_reduce import GradReducer
+from zero_shard.torch_optimizer import TorchOptimizerFacade
 
 __all__ = ["ZeroShardedOptimizer", "default_optimizer_factory"]
 
@@ -98,8 +99,12 @@ def _normalize_groups(named_params: Any) -> list[tuple[list[tuple[str, nn.Parame
     return out
 
 
-class ZeroShardedOptimizer:
+class ZeroShardedOptimizer(TorchOptimizerFacade):
     """ZeRO stage 0/1/2 optimizer wrapper (see the module docstring for the layout).
+
+    A ``torch.optim.Optimizer``: ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's
+    own objects, so torch's LR schedulers work on it; ``state_dict()`` is this rank's state
+    (see :mod:`zero_shard.torch_optimizer`).
 
     Args:
         named_params: ``[(name, param), ...]`` or param groups ``[{"params": [(name, param), ...], **hyper}]``.
@@ -233,6 +238,7 @@ class ZeroShardedOptimizer:
         self._boundary = True
         self._global_grad_norm: float | None = None
         self.global_steps = 0
+        self._init_torch_optimizer()
 
     # ---- the training-loop API --------------------------------------------------------------------
 
@@ -287,11 +293,6 @@ class ZeroShardedOptimizer:
     # ---- properties the engine reads ---------------------------------------------------------------
 
     @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The inner optimizer's groups (set ``group["lr"]`` to schedule the learning rate)."""
-        return self.inner.param_groups
-
-    @property
     def global_grad_norm(self) -> float | None:
         """The global (unscaled, pre-clip) gradient norm of the last step, None before the first."""
         return self._global_grad_norm
@@ -305,11 +306,6 @@ class ZeroShardedOptimizer:
     def skipped_steps(self) -> int:
         """Steps skipped because gradients overflowed."""
         return self.loss_scaler.skipped_steps
-
-    @property
-    def state(self) -> Any:
-        """The inner optimizer's state (keyed by the fp32 master partitions)."""
-        return self.inner.state
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds per kind: ``master`` (0 for an fp32 model: the master is the parameters'
