@@ -232,7 +232,14 @@ def initialize_errors(rank: int, world_size: int) -> dict[str, Any]:
             {},
         ),
         "no_optimizer": ({"train_batch_size": 4}, {}),
-        "onebit": ({"train_batch_size": 4, "optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}}}, {}),
+        "onebit": (
+            {
+                "train_batch_size": 4,
+                "optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3}},
+                "zero_optimization": {"stage": 1},
+            },
+            {},
+        ),
         "lr_auto": ({"train_batch_size": 4, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}, {}),
         "offload": (
             {

@@ -26,7 +26,7 @@ from zero_all.config.loader import ConfigError
 from zero_all.config.model import TORCH_DTYPES, ZeroAllConfig, load_config
 from zero_all.distributed import get_device, init_distributed
 from zero_all.engine import Engine
-from zero_all.optim import OptimizerFactory, optimizer_factory
+from zero_all.optim import OptimizerFactory, check_optimizer_stage, optimizer_factory
 from zero_all.schedulers import build_scheduler
 
 __all__ = ["add_config_arguments", "config_from_args", "initialize"]
@@ -250,6 +250,7 @@ def initialize(
                 UserWarning,
                 stacklevel=2,
             )
+        check_optimizer_stage(cfg.optimizer.type, int(cfg.zero_optimization.stage))
         factory = optimizer_factory(cfg.optimizer.type, dict(cfg.optimizer.params), device)
         groups = _named_groups(model, model_parameters)
     elif optimizer is not None:

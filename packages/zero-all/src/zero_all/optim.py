@@ -2,7 +2,9 @@
 
 Semantics that must match DeepSpeed (DEEPSPEED_NOTES.md): ``"Adam"`` means AdamW (decoupled
 weight decay) unless ``"adam_w_mode": false``; ``"AdamW"`` is the same; ``"torch_adam": true``
-selects torch's implementation. Type names are case-insensitive for DeepSpeed's own
+selects torch's implementation. ``"OneBitAdam"``, ``"ZeroOneAdam"`` and ``"OneBitLamb"`` are
+onebit-comm's, with DeepSpeed's parameter names; they communicate their own (1-bit) momentum, so
+they run at ZeRO stage 0 only (:func:`check_optimizer_stage`). Type names are case-insensitive for DeepSpeed's own
 optimizers; any other name is looked up in ``torch.optim`` by its exact spelling (``"SGD"``,
 ``"RMSprop"``), as DeepSpeed does.
 
@@ -22,18 +24,25 @@ import torch
 from zero_all.config.known_keys import suggest
 from zero_all.config.loader import ConfigError
 
-__all__ = ["ADAM_PARAMS", "NOT_IMPLEMENTED_OPTIMIZERS", "OptimizerFactory", "check_optimizer", "optimizer_factory"]
+__all__ = [
+    "ADAM_PARAMS",
+    "NOT_IMPLEMENTED_OPTIMIZERS",
+    "ONEBIT_OPTIMIZERS",
+    "OptimizerFactory",
+    "check_optimizer",
+    "check_optimizer_stage",
+    "optimizer_factory",
+]
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 # DeepSpeed's own optimizer names (lower-case, as it compares them).
 _ADAM_NAMES = {"adam", "adamw"}
 _TORCH_LOWER = {"adagrad": "Adagrad"}
+# onebit-comm's optimizers: they communicate (compressed) themselves, so ZeRO stage 0 only.
+ONEBIT_OPTIMIZERS = {"onebitadam": "OneBitAdam", "zerooneadam": "ZeroOneAdam", "onebitlamb": "OneBitLamb"}
 NOT_IMPLEMENTED_OPTIMIZERS: dict[str, str] = {
     "lamb": "Lamb",
-    "onebitadam": "OneBitAdam (lands with onebit-comm)",
-    "zerooneadam": "ZeroOneAdam (lands with onebit-comm)",
-    "onebitlamb": "OneBitLamb (lands with onebit-comm)",
     "lion": "Lion",
     "muadam": "MuAdam",
     "muadamw": "MuAdamW",
@@ -54,7 +63,37 @@ def _torch_optimizer_names() -> list[str]:
 
 def accepted_types() -> str:
     """The list shown in errors."""
-    return "Adam, AdamW, Adagrad, or any torch.optim class by name (" + ", ".join(_torch_optimizer_names()) + ")"
+    return (
+        "Adam, AdamW, Adagrad, OneBitAdam, ZeroOneAdam, OneBitLamb, or any torch.optim class by name ("
+        + ", ".join(_torch_optimizer_names())
+        + ")"
+    )
+
+
+def _onebit_class(low: str) -> type[torch.optim.Optimizer]:
+    import onebit_comm
+
+    return getattr(onebit_comm, ONEBIT_OPTIMIZERS[low])
+
+
+def _onebit_params(low: str) -> set[str]:
+    """DeepSpeed's parameter names for a 1-bit optimizer (its constructor's, minus our process_group)."""
+    sig = inspect.signature(_onebit_class(low).__init__)
+    return {p for p in sig.parameters if p not in ("self", "params", "process_group")}
+
+
+def check_optimizer_stage(type_name: str, stage: int) -> None:
+    """Raise NotImplementedError for a 1-bit optimizer with a ZeRO stage other than 0.
+
+    They all-reduce the whole (compressed) momentum, which ZeRO 1-3 partition away; DeepSpeed
+    refuses the combination too.
+    """
+    if type_name.lower() in ONEBIT_OPTIMIZERS and int(stage) != 0:
+        raise NotImplementedError(
+            f"ds_config.optimizer.type {type_name!r} with zero_optimization.stage {stage}: the 1-bit optimizers "
+            f"communicate the whole compressed momentum, which ZeRO stages 1-3 partition; accepted: "
+            f"zero_optimization.stage 0 with {type_name}, or Adam/AdamW with any stage"
+        )
 
 
 def check_optimizer(type_name: str, params: dict[str, Any]) -> None:
@@ -62,6 +101,8 @@ def check_optimizer(type_name: str, params: dict[str, Any]) -> None:
     low = type_name.lower()
     if low in _ADAM_NAMES:
         allowed = ADAM_PARAMS | _ADAM_IGNORED
+    elif low in ONEBIT_OPTIMIZERS:
+        allowed = _onebit_params(low)
     elif low in NOT_IMPLEMENTED_OPTIMIZERS:
         return  # refused at initialize(), with a clear NotImplementedError; the config still loads
     elif low in _TORCH_LOWER or type_name in _torch_optimizer_names():
@@ -71,6 +112,7 @@ def check_optimizer(type_name: str, params: dict[str, Any]) -> None:
         known = {
             "Adam",
             "AdamW",
+            *ONEBIT_OPTIMIZERS.values(),
             *(v.split()[0] for v in NOT_IMPLEMENTED_OPTIMIZERS.values()),
             *_torch_optimizer_names(),
         }
@@ -136,6 +178,10 @@ def optimizer_factory(type_name: str, params: dict[str, Any], device: torch.devi
             f"ds_config.optimizer.type {type_name!r}: {NOT_IMPLEMENTED_OPTIMIZERS[low]} is not implemented in zero-all "
             f"yet; accepted: {accepted_types()}"
         )
+    if low in ONEBIT_OPTIMIZERS:
+        cls = _onebit_class(low)
+        kw = {k: (tuple(v) if k == "betas" else v) for k, v in params.items()}
+        return _keyed_errors(type_name, lambda groups: cls(groups, **kw))
     params = {k: v for k, v in params.items() if k not in _ADAM_IGNORED}
     if low in _ADAM_NAMES:
         return _keyed_errors(type_name, _adam_factory(params, device))

@@ -5,6 +5,9 @@ not by rank or partition, so nothing about the saving run's world size or stage 
 
 - tensors: ``"<name>/master"`` (fp32 master values) and ``"<name>/<state key>"`` (e.g. ``exp_avg``) for
   the elements ``[start, end)`` of that parameter that this rank holds;
+- ``"__rank_local__/<group>/<key>"``: state the inner optimizer declares per rank (``rank_local_state``:
+  onebit-comm's error-feedback buffers), saved whole by every rank and given back only at the same
+  world size (``load_rank_local_state`` decides what happens elsewhere);
 - metadata (JSON-able): for every parameter its group, global shape and this rank's ``[start, end)``
   (empty when it holds none), the stage, world size and rank, each group's hyperparameters and scalar
   optimizer state (Adam's ``step``), the loss scaler's state and the number of steps taken.
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT", "consolidate", "load_sharded_state", "sharded_state"]
 
 FORMAT = "zero-shard/1"
+RANK_LOCAL = "__rank_local__/"  # tensor-name prefix of per-rank optimizer state (never resharded)
 Shard = tuple[dict[str, torch.Tensor], dict[str, Any]]
 
 
@@ -66,18 +70,25 @@ def sharded_state(opt: ZeroShardedOptimizer) -> Shard:
     n_groups = len(opt.inner.param_groups)
     scalars_of: list[dict[str, Any]] = [{} for _ in range(n_groups)]
     keys_of: list[set[str]] = [set() for _ in range(n_groups)]
+    local_keys_of: list[set[str]] = [set() for _ in range(n_groups)]
     # One layout per param group at stages 0-2; at stage 3 one per unit, several per group.
     for li, lay in enumerate(opt.layouts):
         g = opt.layout_group[li]
         lo, hi = lay.partition(opt.rank)
         master = opt.masters[li].detach()
         state = opt.inner.state.get(opt.masters[li], {})
+        # State that differs per rank (onebit-comm's error-feedback buffers) is saved whole, per rank.
+        # (Only at stage 0, where a group has one layout: li == g.)
+        local = _rank_local(opt, li)
+        for k, t in local.items():
+            tensors[f"{RANK_LOCAL}{g}/{k}"] = t.detach().clone()
+        local_keys_of[g].update(local)
         # Stage 0 holds the whole group: save only the range this rank would own at stage 1.
         part = {"master": master[lo:hi] if opt.stage == 0 else master}
         for k, v in state.items():
-            if _is_elementwise(v):
+            if _is_elementwise(v) and k not in local:
                 part[k] = v[lo:hi] if opt.stage == 0 else v
-            elif k not in scalars_of[g]:
+            elif k not in local and k not in scalars_of[g]:
                 scalars_of[g][k] = _encode_scalar(v)
         keys_of[g].update(k for k in part if k != "master")
         for slot in lay.slots:
@@ -92,7 +103,14 @@ def sharded_state(opt: ZeroShardedOptimizer) -> Shard:
     groups = []
     for g in range(n_groups):
         hyper = {k: _jsonable(v) for k, v in opt.inner.param_groups[g].items() if k != "params"}
-        groups.append({"hyper": hyper, "scalars": scalars_of[g], "state_keys": sorted(keys_of[g])})
+        groups.append(
+            {
+                "hyper": hyper,
+                "scalars": scalars_of[g],
+                "state_keys": sorted(keys_of[g]),
+                "rank_local_keys": sorted(local_keys_of[g]),
+            }
+        )
     meta = {
         "format": FORMAT,
         "stage": opt.stage,
@@ -209,6 +227,7 @@ def load_sharded_state(opt: ZeroShardedOptimizer, shards: list[Shard]) -> None:
         for k, d in group_meta["scalars"].items():
             state[k] = _decode_scalar(d, master.device)
         opt.inner.state[master] = state
+        _load_rank_local(opt, shards, li, g)
     for g in range(n_groups):
         group = opt.inner.param_groups[g]
         for k, v in meta0["groups"][g]["hyper"].items():
@@ -219,6 +238,30 @@ def load_sharded_state(opt: ZeroShardedOptimizer, shards: list[Shard]) -> None:
     opt.reducer.zero_grad()
     if load_master:
         opt._refresh_model()
+
+
+def _rank_local(opt: ZeroShardedOptimizer, li: int) -> dict[str, torch.Tensor]:
+    """The inner optimizer's per-rank tensors for layout ``li``'s master (none unless it declares some)."""
+    get = getattr(opt.inner, "rank_local_state", None)
+    return dict(get(opt.masters[li])) if get is not None else {}
+
+
+def _load_rank_local(opt: ZeroShardedOptimizer, shards: list[Shard], li: int, g: int) -> None:
+    """Hand this rank's saved per-rank tensors of group ``g`` back to the inner optimizer.
+
+    Only at the saving world size (they exist once per rank); elsewhere the optimizer gets ``None``
+    and decides (onebit-comm's raise a clear error rather than continue with wrong error feedback).
+    """
+    load = getattr(opt.inner, "load_rank_local_state", None)
+    if load is None:
+        return
+    saved_world = int(shards[0][1]["world_size"])
+    keys = list(shards[0][1]["groups"][g].get("rank_local_keys", []))
+    mine = None
+    if keys and saved_world == opt.world_size:
+        tensors = shards[opt.rank][0]
+        mine = {k: tensors[f"{RANK_LOCAL}{g}/{k}"] for k in keys}
+    load(opt.masters[li], mine, saved_world, keys)
 
 
 def _any_name(shards: list[Shard], slots: Any) -> str | None:

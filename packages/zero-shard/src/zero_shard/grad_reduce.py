@@ -118,6 +118,7 @@ class GradReducer:
                     self._where[id(lay.params[s])] = (len(self.buckets), s)
                 self.buckets.append(_Bucket(g, start, end, slots))
         self._next = 0
+        self._communicate = True  # False: keep local gradients (see begin_backward)
         self._in_flight: deque[_Bucket] = deque()
         self._reducing = False
         self._callback_queued = False
@@ -128,8 +129,15 @@ class GradReducer:
 
     # ---- per-backward bookkeeping ------------------------------------------------------------------
 
-    def begin_backward(self, boundary: bool) -> None:
-        """Called before each backward: will this one reduce (stage 2: always; else at the boundary)?"""
+    def begin_backward(self, boundary: bool, communicate: bool = True) -> None:
+        """Called before each backward: will this one reduce (stage 2: always; else at the boundary)?
+
+        ``communicate=False`` (stage 0 only): the boundary backward leaves every rank its own local
+        gradients, un-averaged, for an optimizer that communicates them itself (onebit-comm's).
+        """
+        if not communicate and self.stage != 0:
+            raise ValueError("GradReducer: local (uncommunicated) gradients are only supported at stage 0")
+        self._communicate = communicate
         self._reducing = self.stage == 2 or boundary
         self._via_accum = self.stage == 0 or self._accumulated
         self._callback_queued = False
@@ -236,10 +244,10 @@ class GradReducer:
             while len(self._in_flight) >= 2:
                 self._complete(self._in_flight.popleft())
         buf = self._bucket_buffer(b)
-        if self.pre != 1.0:
+        if self.pre != 1.0 and self._communicate:
             buf.mul_(self.pre)
         async_op = self.overlap_comm
-        if self.world_size == 1:
+        if self.world_size == 1 or not self._communicate:
             works = []
         elif self.collective == "all_reduce":
             works = [dist.all_reduce(buf, group=self.group, async_op=async_op)]
@@ -267,7 +275,8 @@ class GradReducer:
         buf = b.buffer
         assert buf is not None
         if self.stage == 0:
-            buf.mul_(self.post)
+            if self._communicate:
+                buf.mul_(self.post)
         else:
             # Only this rank's slice of the bucket matters from here on.
             lo, hi = self.layouts[b.group].partition(self.rank)

@@ -204,6 +204,22 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         )
         if len(self.inner.param_groups) != len(groups):
             raise ValueError("optimizer_factory must keep one param group per group it is given")
+        # [Note: self-communicating optimizers] An inner optimizer with ``communicates_gradients``
+        # (onebit-comm's 1-bit Adam / 0/1 Adam / 1-bit LAMB) averages what it needs itself. Before each
+        # boundary backward we ask it whether its next step wants full-precision averaged gradients
+        # (warm-up): then the reducer all-reduces as usual, so clipping and overflow checks see the
+        # averaged gradient; otherwise every rank keeps its local gradient (clipped by its local norm,
+        # the overflow decision still agreed over ranks). It communicates the full optimizer state,
+        # which stages 1-2 partition: stage 0 only.
+        self.self_communicating = bool(getattr(self.inner, "communicates_gradients", False))
+        if self.self_communicating:
+            if self.stage != 0:
+                raise NotImplementedError(
+                    f"{type(self.inner).__name__} communicates its own compressed momentum and needs the whole "
+                    f"optimizer state on every rank: it runs with zero_optimization.stage 0 only (got stage "
+                    f"{self.stage}); use stage 0, or a plain optimizer (Adam, AdamW) with stages 1-3"
+                )
+            self.inner.bind_flat_layout([[(s.offset, s.numel) for s in lay.slots] for lay in self.layouts])
 
         self.reducer = GradReducer(
             self.layouts,
@@ -234,7 +250,10 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
         """Back-propagate ``loss`` times the loss scale; reduces gradients as configured for the stage."""
-        self.reducer.begin_backward(self._boundary)
+        communicate = True
+        if self.self_communicating and self._boundary:
+            communicate = bool(self.inner.needs_averaged_gradients())
+        self.reducer.begin_backward(self._boundary, communicate=communicate)
         self.loss_scaler.scale_loss(loss).backward(retain_graph=retain_graph)
 
     def step(self, closure: Callable[[], Any] | None = None) -> bool:

@@ -1,0 +1,237 @@
+"""onebit-comm's compressed all-reduce against torch's fp32 all-reduce, and 1-bit Adam's step time.
+
+In one run, 2 gloo ranks on CPU, one intra-op thread per rank:
+
+- per tensor size (1M, 4M, 16M, 64M elements; --quick: 1M, 4M): bytes each rank sends and wall time
+  of ``onebit_comm.compressed_allreduce`` against ``dist.all_reduce`` of the same fp32 tensor.
+  Compressed bytes are counted by the collective itself (``CommStats``); fp32 bytes are the
+  bandwidth-optimal ring figure ``2 (W-1)/W * 4n`` (gloo's own algorithm sends at least that).
+  Times: the median of ``--reps`` calls, the two collectives interleaved so that machine noise falls
+  on both.
+- end to end: a tiny GPT trained through ``zero_all.initialize`` (ZeRO stage 0, fp32) with
+  ``"OneBitAdam"`` (in its compression phase: ``freeze_step`` 2, timed after it) against ``"AdamW"``
+  (the engine's plain all-reduce), the median optimizer-step wall time (forward + backward + step).
+
+``--json PATH`` writes ``{"sizes": {n: {"bytes_ratio_vs_fp32", "time_ratio_vs_allreduce", ...}},
+"step_time_vs_adamw", "meta"}``.
+
+    python benchmarks/onebit.py [--quick] [--json PATH] [--reps 5] [--steps 20] [--sizes 16M,64M]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+# This folder holds benchmarks named after packages: keep it off the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
+
+from onebit_comm import CommStats, compressed_allreduce, error_buffers, fp32_allreduce_bytes  # noqa: E402
+
+WORLD = 2
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    def __init__(self, layers: int, d: int, vocab: int, seq: int) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(seq, d)
+        self.blocks = nn.ModuleList(Block(d, max(1, d // 64)) for _ in range(layers))
+        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for blk in self.blocks:
+            x = blk(x)
+        logits = self.head(self.ln_f(x))
+        return nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _collectives(rank: int, sizes: list[int], reps: int) -> dict[int, dict[str, Any]]:
+    out = {}
+    for n in sizes:
+        x = torch.randn(n, generator=torch.Generator().manual_seed(rank))
+        we, se = error_buffers(n, WORLD)
+        stats = CommStats()
+        t_fp32, t_1bit = [], []
+        for i in range(reps + 1):  # the first call of each warms up (allocations, gloo connections)
+            a = x.clone()
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_reduce(a)
+            t1 = time.perf_counter()
+            b = x.clone()
+            dist.barrier()
+            t2 = time.perf_counter()
+            compressed_allreduce(b, we, se, stats=stats)
+            t3 = time.perf_counter()
+            if i:
+                t_fp32.append(t1 - t0)
+                t_1bit.append(t3 - t2)
+        out[n] = {
+            "fp32_bytes": fp32_allreduce_bytes(n, WORLD),
+            "onebit_bytes": stats.bytes_sent / stats.calls,
+            "fp32_s": statistics.median(t_fp32),
+            "onebit_s": statistics.median(t_1bit),
+        }
+    return out
+
+
+def _steps(rank: int, args: argparse.Namespace) -> dict[str, float]:
+    import zero_all
+
+    times: dict[str, list[float]] = {}
+    engines = {}
+    for name, opt in (
+        ("AdamW", {"type": "AdamW", "params": {"lr": 1e-4}}),
+        ("OneBitAdam", {"type": "OneBitAdam", "params": {"lr": 1e-4, "freeze_step": 2}}),
+    ):
+        torch.manual_seed(0)
+        model = TinyGPT(args.layers, args.d_model, 256, 64)
+        cfg = {"train_micro_batch_size_per_gpu": 4, "optimizer": opt, "zero_optimization": {"stage": 0}}
+        engines[name], *_ = zero_all.initialize(model=model, config=cfg)
+        times[name] = []
+    for step in range(args.steps + 3):  # round robin: noise falls on both; 3 untimed (warm-up + freeze)
+        g = torch.Generator().manual_seed(step * WORLD + rank)
+        seq = torch.randint(0, 256, (4, 65), generator=g)
+        for name, engine in engines.items():
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = engine(seq[:, :-1], seq[:, 1:])
+            engine.backward(loss)
+            engine.step()
+            if step >= 3:
+                times[name].append(time.perf_counter() - t0)
+    numel = sum(p.numel() for p in engines["AdamW"].module.parameters())
+    return {"numel": numel, **{k: statistics.median(v) for k, v in times.items()}}
+
+
+def _rank_main(rank: int, port: int, args: argparse.Namespace, queue: Any) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        res = {"collectives": _collectives(rank, args.sizes, args.reps), "steps": _steps(rank, args)}
+        if rank == 0:
+            queue.put(res)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, args, queue)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode != 0 for p in procs) or queue.empty():
+        raise SystemExit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
+    return queue.get()
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def report(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    print(f"compressed_allreduce vs dist.all_reduce (fp32), {WORLD} gloo ranks, median of {args.reps}")
+    print(
+        f"{'elements':>10} {'fp32 MB':>9} {'1-bit MB':>9} {'bytes ratio':>11} {'fp32 ms':>9} {'1-bit ms':>9} {'time ratio':>10}"
+    )
+    sizes = {}
+    for n, c in res["collectives"].items():
+        br, tr = c["onebit_bytes"] / c["fp32_bytes"], c["onebit_s"] / c["fp32_s"]
+        sizes[str(n)] = {"bytes_ratio_vs_fp32": br, "time_ratio_vs_allreduce": tr, **c}
+        print(
+            f"{n:>10} {c['fp32_bytes'] / 1e6:>9.2f} {c['onebit_bytes'] / 1e6:>9.3f} {br:>11.4f} "
+            f"{c['fp32_s'] * 1e3:>9.2f} {c['onebit_s'] * 1e3:>9.2f} {tr:>10.3f}"
+        )
+    st = res["steps"]
+    ratio = st["OneBitAdam"] / st["AdamW"]
+    print(
+        f"tiny GPT ({st['numel']:,} params, engine stage 0, fp32): step AdamW {st['AdamW'] * 1e3:.1f} ms, "
+        f"OneBitAdam (compressed phase) {st['OneBitAdam'] * 1e3:.1f} ms, ratio {ratio:.3f}"
+    )
+    return {
+        "sizes": sizes,
+        "step_time_vs_adamw": ratio,
+        "steps": st,
+        "meta": {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.machine()}",
+            "torch": torch.__version__,
+            "world_size": WORLD,
+            "backend": "gloo",
+            "quick": args.quick,
+            "command": " ".join(sys.argv),
+        },
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="1M and 4M elements, a smaller model (under a minute)")
+    ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--sizes", help="comma-separated element counts, M = 2**20 (e.g. 16M,64M); default per --quick")
+    args = ap.parse_args()
+    if args.sizes:
+        args.sizes = [
+            int(float(x[:-1]) * (1 << 20)) if x.upper().endswith("M") else int(x) for x in args.sizes.split(",")
+        ]
+    else:
+        args.sizes = [1 << 20, 1 << 22] if args.quick else [1 << 20, 1 << 22, 1 << 24, 1 << 26]
+    if args.quick:
+        args.reps, args.steps, args.layers, args.d_model = min(args.reps, 3), min(args.steps, 8), 2, 128
+    out = report(run(args), args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
