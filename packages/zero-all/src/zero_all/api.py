@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
 from zero_all.config.auto import AutoContext, resolve_auto
 from zero_all.config.batch import resolve_batch_sizes
@@ -122,19 +122,14 @@ def _client_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def _build_dataloader(
-    training_data: Any, micro_batch: int, collate_fn: Callable | None, drop_last: bool
+    training_data: Any, micro_batch: int, collate_fn: Callable | None, drop_last: bool, seed: int | None
 ) -> DataLoader | None:
     if training_data is None:
         return None
-    if isinstance(training_data, DataLoader):
-        return training_data
-    if not isinstance(training_data, Dataset):
-        raise TypeError(f"training_data must be a torch Dataset (or a DataLoader), got {type(training_data).__name__}")
-    sampler = None
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        sampler = DistributedSampler(training_data, num_replicas=dist.get_world_size(), rank=dist.get_rank())
-    return DataLoader(
-        training_data, batch_size=micro_batch, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last
+    from zero_all.data.loader import build_dataloader
+
+    return build_dataloader(
+        training_data, micro_batch, collate_fn=collate_fn, drop_last=drop_last, seed=0 if seed is None else seed
     )
 
 
@@ -233,7 +228,7 @@ def initialize(
     _cast_unmanaged(model, dtype, {id(p) for g in groups for _, p in g["params"]})
     scheduler = _build_lr_scheduler(lr_scheduler, optimizer, zero_opt, cfg)
     dataloader = _build_dataloader(
-        training_data, batch.train_micro_batch_size_per_gpu, collate_fn, cfg.dataloader_drop_last
+        training_data, batch.train_micro_batch_size_per_gpu, collate_fn, cfg.dataloader_drop_last, cfg.seed
     )
     if "activation_checkpointing" in cfg.raw:
         from act_ckpt import checkpointing
