@@ -32,10 +32,21 @@ from zero_all.data import RepeatingLoader, build_dataloader, parse_data_split, s
 def common_parser(description: str, *, default_model: str, default_data: str) -> argparse.ArgumentParser:
     """DeepSpeed-Chat's step-1 flags (same names and meaning), plus a few of ours (marked)."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--data_path", nargs="*", default=[default_data], help="parquet/json/csv files, saved Dataset folders, or hub names")
+    p.add_argument(
+        "--data_path",
+        nargs="*",
+        default=[default_data],
+        help="parquet/json/csv files, saved Dataset folders, or hub names",
+    )
     p.add_argument("--data_split", default="9,1,0", help="proportions of train, eval and held-out parts, e.g. '9,1,0'")
-    p.add_argument("--data_output_path", default=None, help="cache for split indices and tokenized data (default: OUTPUT_DIR/data_cache)")
-    p.add_argument("--model_name_or_path", default=default_model, help="a model folder: config.json + tokenizer (+ weights)")
+    p.add_argument(
+        "--data_output_path",
+        default=None,
+        help="cache for split indices and tokenized data (default: OUTPUT_DIR/data_cache)",
+    )
+    p.add_argument(
+        "--model_name_or_path", default=default_model, help="a model folder: config.json + tokenizer (+ weights)"
+    )
     p.add_argument("--max_seq_len", type=int, default=64, help="tokens per sample (padded / truncated)")
     p.add_argument("--per_device_train_batch_size", type=int, default=8)
     p.add_argument("--per_device_eval_batch_size", type=int, default=16)
@@ -60,10 +71,16 @@ def common_parser(description: str, *, default_model: str, default_data: str) ->
     p.add_argument("--print_loss", action="store_true", help="print every step's loss on every rank")
     p.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
     # ours
-    p.add_argument("--max_steps", type=int, default=-1, help="(ours) stop after this many optimizer steps; -1: epochs decide")
+    p.add_argument(
+        "--max_steps", type=int, default=-1, help="(ours) stop after this many optimizer steps; -1: epochs decide"
+    )
     p.add_argument("--checkpoint_dir", default=None, help="(ours) also save an engine checkpoint here at the end")
-    p.add_argument("--progress", default="auto", choices=["auto", "on", "off"], help="(ours) tqdm bar on rank 0; auto: on a TTY")
-    p.add_argument("--eval_max_batches", type=int, default=-1, help="(ours) cap evaluation at this many batches per rank")
+    p.add_argument(
+        "--progress", default="auto", choices=["auto", "on", "off"], help="(ours) tqdm bar on rank 0; auto: on a TTY"
+    )
+    p.add_argument(
+        "--eval_max_batches", type=int, default=-1, help="(ours) cap evaluation at this many batches per rank"
+    )
     deepspeed.add_config_arguments(p)  # --deepspeed, --deepspeed_config
     return p
 
@@ -135,7 +152,9 @@ def load_raw_dataset(path: str, cache_dir: str | None = None):
     try:  # a hub dataset name (needs network access, or HF_DATASETS_OFFLINE with a warm cache)
         return datasets.load_dataset(path, split="train", cache_dir=cache_dir)
     except Exception as e:  # noqa: BLE001  (the hub's errors are many; the message says what was tried)
-        raise SystemExit(f"--data_path {path}: not a file or folder here, and loading it from the hub failed: {e}") from None
+        raise SystemExit(
+            f"--data_path {path}: not a file or folder here, and loading it from the hub failed: {e}"
+        ) from None
 
 
 def require_columns(ds: Any, columns: Sequence[str], source: str) -> None:
@@ -153,7 +172,9 @@ def _fingerprint(args: argparse.Namespace, tokenizer: Any, kind: str) -> str:
     for path in args.data_path:
         p = Path(path)
         stat = p.stat() if p.exists() else None
-        files.append([str(p.resolve()) if p.exists() else path, stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0])
+        files.append(
+            [str(p.resolve()) if p.exists() else path, stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0]
+        )
     vocab = hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
     key = json.dumps([kind, files, args.data_split, args.seed, args.max_seq_len, vocab, tokenizer.pad_token])
     return hashlib.sha1(key.encode()).hexdigest()[:16]
@@ -201,7 +222,9 @@ def prepare_splits(
     for i, path in enumerate(args.data_path):
         raw = load_raw_dataset(path, raw_cache)
         require_columns(raw, columns, path)
-        parts = split_indices(len(raw), args.data_split, seed=args.seed, cache_dir=cache, name=f"{kind}{i}_{Path(path).stem}")
+        parts = split_indices(
+            len(raw), args.data_split, seed=args.seed, cache_dir=cache, name=f"{kind}{i}_{Path(path).stem}"
+        )
         trains.append(raw.select(parts[0]))
         evals.append(raw.select(parts[1]))
     key = _fingerprint(args, tokenizer, kind)
@@ -278,7 +301,12 @@ def fill_auto(raw: dict[str, Any], args: argparse.Namespace, total_steps: int) -
         if name in cfg:
             fill(cfg[name], "enabled", args.dtype == name)
     opt = (cfg.get("optimizer") or {}).get("params", {})
-    for key, value in {"lr": args.learning_rate, "weight_decay": args.weight_decay, "betas": [0.9, 0.95], "eps": 1e-8}.items():
+    for key, value in {
+        "lr": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "betas": [0.9, 0.95],
+        "eps": 1e-8,
+    }.items():
         fill(opt, key, value)
     sched = (cfg.get("scheduler") or {}).get("params", {})
     for key, value in {
@@ -321,11 +349,17 @@ def optimizer_grouped_parameters(model: torch.nn.Module, weight_decay: float) ->
 def adam_class(offload: bool) -> type[torch.optim.Optimizer]:
     """DeepSpeed-Chat's ``DeepSpeedCPUAdam if offload else FusedAdam``, from zero-all's kernels.
 
-    FusedAdam is a CUDA kernel; on a CPU-only machine the CPU Adam kernel plays its part.
+    FusedAdam is a CUDA kernel; on a CPU-only machine the CPU Adam kernel plays its part, and on
+    a GPU with a ds-native built without CUDA, torch's fused AdamW does.
     """
+    import ds_native
     from ds_native.optim import CPUAdam, FusedAdam
 
-    return CPUAdam if offload or not torch.cuda.is_available() else FusedAdam
+    if offload or not torch.cuda.is_available():
+        return CPUAdam
+    if ds_native.build_info().get("cuda"):
+        return FusedAdam
+    return torch.optim.AdamW
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -508,7 +542,10 @@ def client_optimizer_and_scheduler(args: argparse.Namespace, model: Any, ds_conf
     scheduler = None
     if "scheduler" not in ds_config and optimizer is not None:
         scheduler = get_scheduler(
-            args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.num_warmup_steps, num_training_steps=total_steps
+            args.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=args.num_warmup_steps,
+            num_training_steps=total_steps,
         )
     return optimizer, params, scheduler
 

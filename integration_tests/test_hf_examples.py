@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "examples" / "tools"))
 sys.path.insert(0, str(HERE.parent / "examples"))
-import hf_cases
+import hf_cases  # noqa: E402  (after the importorskips)
 
 AUTO_CONFIG = HERE.parent / "examples" / "deepspeed_configs" / "ds_config_zero2_auto.json"
 TIMEOUT = 420  # two ranks importing transformers on a loaded 2-core machine
@@ -57,7 +57,10 @@ def test_clm_zero0_and_zero2_train_and_export(tmp_path: Path, assets: dict[str, 
         # The cosine schedule ran to its end (0 at the last step), through the client scheduler.
         assert res["lr_history_last"][0] == pytest.approx(0.0, abs=1e-9)
         assert res["engine_dtype"] == res["loaded_dtype"] == "torch.bfloat16"
-        assert res["logits_equal"], f"max |diff| {res['max_logit_diff']}"
+        assert res["weights_equal"]
+        assert res["logits_equal"]
+        # As loaded (fp32 RoPE buffer), within bf16 rounding of the logits.
+        assert res["max_logit_diff"] <= 2**-6 * max(1.0, res["max_logit"]), res
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(res["files"])
         assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in res["files"])
     outs = r0["z2"]["outputs"]
@@ -66,7 +69,7 @@ def test_clm_zero0_and_zero2_train_and_export(tmp_path: Path, assets: dict[str, 
 
 
 def test_seq2seq_zero2_auto_config(tmp_path: Path, assets: dict[str, str]) -> None:
-    r0, r1 = run_distributed(hf_cases.seq2seq_auto, 2, str(tmp_path), assets, str(AUTO_CONFIG), timeout=TIMEOUT)
+    r0, _ = run_distributed(hf_cases.seq2seq_auto, 2, str(tmp_path), assets, str(AUTO_CONFIG), timeout=TIMEOUT)
     assert r0["zero_stage"] == 2
     assert _falls(r0["losses"]), r0["losses"]
     assert math.isfinite(r0["perplexity_after"]) and r0["perplexity_after"] < r0["perplexity_before"]

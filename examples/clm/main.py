@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import zero_all as deepspeed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,7 +43,10 @@ def tokenize_fn(tokenizer: Any, args) -> Any:
     """Batched map: ``prompt + response + eos`` -> input_ids, attention_mask, labels (pad -> -100)."""
 
     def tokenize(rows: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        texts = [p + r + tokenizer.eos_token for p, r in zip(rows[args.prompt_column], rows[args.response_column], strict=True)]
+        texts = [
+            p + r + tokenizer.eos_token
+            for p, r in zip(rows[args.prompt_column], rows[args.response_column], strict=True)
+        ]
         enc = tokenizer(texts, max_length=args.max_seq_len, padding="max_length", truncation=True)
         enc["labels"] = [
             [t if m else -100 for t, m in zip(ids, mask, strict=True)]
@@ -72,7 +73,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     train_ds, eval_ds = U.prepare_splits(
-        args, tokenizer, kind="clm", columns=[args.prompt_column, args.response_column], tokenize=tokenize_fn(tokenizer, args)
+        args,
+        tokenizer,
+        kind="clm",
+        columns=[args.prompt_column, args.response_column],
+        tokenize=tokenize_fn(tokenizer, args),
     )
     total_steps, _ = U.planned_steps(args, len(train_ds))
     ds_config = U.engine_config(args, total_steps)

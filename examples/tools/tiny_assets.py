@@ -58,7 +58,11 @@ def _qa(rng: random.Random) -> tuple[str, str, str]:
     if kind == 0:
         i = rng.randrange(len(_THINGS))
         good, bad = _COLORS[i % len(_COLORS)], _COLORS[(i + 1 + rng.randrange(len(_COLORS) - 1)) % len(_COLORS)]
-        return f"Human: What color is the {_THINGS[i]}? Assistant:", f" The {_THINGS[i]} is {good}.", f" The {_THINGS[i]} is {bad}."
+        return (
+            f"Human: What color is the {_THINGS[i]}? Assistant:",
+            f" The {_THINGS[i]} is {good}.",
+            f" The {_THINGS[i]} is {bad}.",
+        )
     if kind == 1:
         i = rng.randrange(len(_LANDS))
         j = (i + 1 + rng.randrange(len(_LANDS) - 1)) % len(_LANDS)
