@@ -4,7 +4,7 @@
 
 1. builds the local stand-ins for hub downloads (tokenizer, parquet dataset, model config);
 2. launches examples/clm/main.py on 2 CPU workers with ds-launch (every GPU, when there are
-   any): ZeRO-2, bf16, a few hundred steps with a progress bar, perplexity before and after,
+   any): ZeRO-2, bf16, 250 steps with a progress bar, perplexity before and after,
    an engine checkpoint, the Hugging Face export, TensorBoard events;
 3. draws the loss and perplexity with ``ds-monitor plot``;
 4. loads the export with ``AutoModelForCausalLM.from_pretrained`` and answers a question;
@@ -36,7 +36,7 @@ def main() -> int:
     """Run the demo; returns the exit code of the first step that fails."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-output", help="folder for everything the demo writes (emptied first)")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=250, help="optimizer steps (an epoch is 225)")
     parser.add_argument("--workers", type=int, default=2, help="CPU worker processes when there is no GPU")
     parser.add_argument("--zero_stage", type=int, default=2)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
@@ -134,8 +134,10 @@ def main() -> int:
 def _ask(model_dir: str, prompt: str) -> str:
     """Greedy answer of the exported model to ``prompt`` (the proof that the export is the trained model)."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = tok(prompt, return_tensors="pt")

@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def evaluate(epoch: int) -> None:
         loss, ppl = U.evaluate(engine, evals, args.eval_max_batches)
         ppl_history.append({"epoch": epoch, "step": engine.global_steps, "eval_loss": loss, "perplexity": ppl})
-        engine.monitor.write_events([("Eval/perplexity", ppl, engine.global_samples)])
+        engine.monitor.write_events(
+            [("Eval/loss", loss, engine.global_samples), ("Eval/perplexity", ppl, engine.global_samples)]
+        )
         U.print_rank_0(f"epoch {epoch} step {engine.global_steps}: eval loss {loss:.4f}, perplexity {ppl:.2f}")
 
     evaluate(0)
