@@ -177,6 +177,11 @@ def require_columns(ds: Any, columns: Sequence[str], source: str) -> None:
         )
 
 
+_TOKENIZE_FLAGS = {
+    "max_seq_len", "max_target_len", "prompt_column", "response_column", "source_lang", "target_lang", "source_prefix",
+}  # fmt: skip
+
+
 def _fingerprint(args: argparse.Namespace, tokenizer: Any, kind: str) -> str:
     files = []
     for path in args.data_path:
@@ -186,7 +191,9 @@ def _fingerprint(args: argparse.Namespace, tokenizer: Any, kind: str) -> str:
             [str(p.resolve()) if p.exists() else path, stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0]
         )
     vocab = hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    key = json.dumps([kind, files, args.data_split, args.seed, args.max_seq_len, vocab, tokenizer.pad_token])
+    # Every flag that changes what the tokenize function produces.
+    shaping = {k: v for k, v in sorted(vars(args).items()) if k in _TOKENIZE_FLAGS}
+    key = json.dumps([kind, files, args.data_split, args.seed, vocab, tokenizer.pad_token, shaping])
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
@@ -381,8 +388,12 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(engine: Any, loader: Any, max_batches: int = -1) -> tuple[float, float]:
-    """Token-weighted mean loss over the eval set (all ranks), and its perplexity ``exp(loss)``."""
+def evaluate(engine: Any, loader: Any, max_batches: int = -1, causal: bool = True) -> tuple[float, float]:
+    """Token-weighted mean loss over the eval set (all ranks), and its perplexity ``exp(loss)``.
+
+    Each batch's mean loss is weighted by the tokens it scored: labels other than -100, less
+    the first position for a causal LM (it predicts from the second token on).
+    """
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=engine.device)
     for i, batch in enumerate(loader):
@@ -390,7 +401,8 @@ def evaluate(engine: Any, loader: Any, max_batches: int = -1) -> tuple[float, fl
             break
         batch = to_device(batch, engine.device)
         loss = engine(**batch).loss.double()
-        tokens = (batch["labels"] != -100).sum()
+        labels = batch["labels"][:, 1:] if causal else batch["labels"]
+        tokens = (labels != -100).sum()
         total += torch.stack([loss * tokens, tokens.double()])
     if dist.is_initialized():
         dist.all_reduce(total)

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ppl_history = []
 
     def evaluate(epoch: int) -> None:
-        loss, ppl = U.evaluate(engine, evals, args.eval_max_batches)
+        loss, ppl = U.evaluate(engine, evals, args.eval_max_batches, causal=False)
         ppl_history.append({"epoch": epoch, "step": engine.global_steps, "eval_loss": loss, "perplexity": ppl})
         engine.monitor.write_events(
             [("Eval/loss", loss, engine.global_samples), ("Eval/perplexity", ppl, engine.global_samples)]
