@@ -288,6 +288,8 @@ def build_ds_config(args: argparse.Namespace, total_steps: int, show_bar: bool) 
     }
     if args.dtype in ("fp16", "bf16"):
         cfg[args.dtype] = {"enabled": True}
+    if os.environ.get("EXAMPLE_ENGINE") == "deepspeed":
+        cfg["zero_allow_untested_optimizer"] = True  # DeepSpeed asks this for an Adam that is not its own
     if args.enable_tensorboard:
         cfg["tensorboard"] = {"enabled": True, "output_path": tensorboard_path(args), "job_name": "run"}
     return cfg

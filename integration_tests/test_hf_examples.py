@@ -63,6 +63,10 @@ def test_clm_zero0_and_zero2_train_and_export(tmp_path: Path, assets: dict[str, 
         assert res["max_logit_diff"] <= 2**-6 * max(1.0, res["max_logit"]), res
         assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(res["files"])
         assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in res["files"])
+    # Same seed, data and bf16 code path at both stages: the same run, up to the order in which
+    # bf16 gradients are summed (all-reduce vs reduce-scatter): measured 1.4e-3 relative at most.
+    assert r0["z0"]["losses"][:2] == r0["z2"]["losses"][:2]
+    assert r0["z0"]["losses"] == pytest.approx(r0["z2"]["losses"], rel=1e-2)
     outs = r0["z2"]["outputs"]
     assert Path(outs["checkpoint"], "manifest.json").exists() or any(Path(outs["checkpoint"]).iterdir())
     assert any(Path(outs["tensorboard"]).rglob("events.out.tfevents.*"))

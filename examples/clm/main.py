@@ -12,11 +12,15 @@ from a DeepSpeed script: ``import zero_all as deepspeed``.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import zero_all as deepspeed
+if os.environ.get("EXAMPLE_ENGINE") == "deepspeed":  # this same script on DeepSpeed, to time the two
+    import deepspeed
+else:
+    import zero_all as deepspeed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hf_utils as U

@@ -68,6 +68,7 @@ def test_build_dataloader_shards_and_drop_last() -> None:
     assert [int(x) for (b,) in again for x in b] == seen[0]
     short = build_dataloader(data, 2, rank=0, world_size=2, drop_last=True)
     assert len(short) == 2 and len(build_dataloader(data, 2, rank=0, world_size=2)) == 3
+    assert again.data_sampler is again.sampler  # DeepSpeedDataLoader's attribute name
     given = DataLoader(data, batch_size=5)
     assert build_dataloader(given, 2) is given
     with pytest.raises(TypeError, match="__len__ and __getitem__"):

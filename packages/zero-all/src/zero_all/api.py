@@ -122,15 +122,13 @@ def _client_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def _build_dataloader(
-    training_data: Any, micro_batch: int, collate_fn: Callable | None, drop_last: bool, seed: int | None
+    training_data: Any, micro_batch: int, collate_fn: Callable | None, drop_last: bool
 ) -> DataLoader | None:
     if training_data is None:
         return None
     from zero_all.data.loader import build_dataloader
 
-    return build_dataloader(
-        training_data, micro_batch, collate_fn=collate_fn, drop_last=drop_last, seed=0 if seed is None else seed
-    )
+    return build_dataloader(training_data, micro_batch, collate_fn=collate_fn, drop_last=drop_last)
 
 
 def initialize(
@@ -228,7 +226,7 @@ def initialize(
     _cast_unmanaged(model, dtype, {id(p) for g in groups for _, p in g["params"]})
     scheduler = _build_lr_scheduler(lr_scheduler, optimizer, zero_opt, cfg)
     dataloader = _build_dataloader(
-        training_data, batch.train_micro_batch_size_per_gpu, collate_fn, cfg.dataloader_drop_last, cfg.seed
+        training_data, batch.train_micro_batch_size_per_gpu, collate_fn, cfg.dataloader_drop_last
     )
     if "activation_checkpointing" in cfg.raw:
         from act_ckpt import checkpointing

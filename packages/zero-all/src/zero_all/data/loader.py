@@ -1,10 +1,13 @@
 """The data loader ``initialize(training_data=...)`` builds, and DeepSpeed's ``RepeatingLoader``.
 
 DeepSpeed's rule, kept here: a ``DistributedSampler`` over the data-parallel ranks (shuffled,
-seeded), ``batch_size`` = ``train_micro_batch_size_per_gpu``, ``drop_last`` =
-``dataloader_drop_last``, the caller's ``collate_fn``. Each rank then reads a disjoint
-``1/world_size`` share of every epoch. Call ``loader.sampler.set_epoch(epoch)`` each epoch
-for a new order (as with any DistributedSampler); :class:`RepeatingLoader` does it for you.
+torch's default seed 0, as DeepSpeed's loader: the config's ``seed`` does not change the data
+order there either, so a script moved from DeepSpeed reads the same batches),
+``batch_size`` = ``train_micro_batch_size_per_gpu``, ``drop_last`` = ``dataloader_drop_last``,
+the caller's ``collate_fn``. Each rank then reads a disjoint ``1/world_size`` share of every
+epoch. Call ``loader.sampler.set_epoch(epoch)`` (DeepSpeed's spelling
+``loader.data_sampler.set_epoch(epoch)`` works too) each epoch for a new order;
+:class:`RepeatingLoader` does it for you.
 
 A Hugging Face ``datasets.Dataset`` is accepted as it is (it is map-style: ``len`` and
 ``[i]``). Its rows are dicts of Python lists unless a format is set, which the default
@@ -54,7 +57,7 @@ def build_dataloader(
         batch_size: samples per batch on this rank (the micro batch).
         collate_fn: how a list of samples becomes a batch (default: torch's default_collate).
         drop_last: drop each rank's last, incomplete batch (``dataloader_drop_last``).
-        seed: the sampler's shuffle seed, the same on every rank (the config's ``seed``).
+        seed: the sampler's shuffle seed, the same on every rank (``initialize`` uses 0, as DeepSpeed).
         shuffle: shuffle each epoch (DeepSpeed's loader does).
         rank, world_size: the data-parallel position (default: the default process group's).
     """
@@ -81,7 +84,7 @@ def build_dataloader(
         raise ValueError("training_data is empty (0 samples)")
     # A sampler at world size 1 too: the same shuffle and seed semantics at every size.
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -90,6 +93,8 @@ def build_dataloader(
         num_workers=num_workers,
         pin_memory=pin_memory,
     )
+    loader.data_sampler = sampler  # DeepSpeedDataLoader's attribute name, for scripts that use it
+    return loader
 
 
 class RepeatingLoader:
