@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
 from zero_all.config.auto import AutoContext, resolve_auto
 from zero_all.config.batch import resolve_batch_sizes
@@ -177,16 +177,9 @@ def _build_dataloader(
 ) -> DataLoader | None:
     if training_data is None:
         return None
-    if isinstance(training_data, DataLoader):
-        return training_data
-    if not isinstance(training_data, Dataset):
-        raise TypeError(f"training_data must be a torch Dataset (or a DataLoader), got {type(training_data).__name__}")
-    sampler = None
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        sampler = DistributedSampler(training_data, num_replicas=dist.get_world_size(), rank=dist.get_rank())
-    return DataLoader(
-        training_data, batch_size=micro_batch, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last
-    )
+    from zero_all.data.loader import build_dataloader
+
+    return build_dataloader(training_data, micro_batch, collate_fn=collate_fn, drop_last=drop_last)
 
 
 def initialize(

@@ -80,6 +80,11 @@ class EngineMonitor:
             if self.wall_clock_breakdown:
                 self.timers.log(["forward", "backward", "step"], ranks=(0,))
 
+    def write_events(self, events: list[tuple[str, float, int]]) -> None:
+        """Write the script's own ``(name, value, step)`` events (DeepSpeed's ``engine.monitor.write_events``)."""
+        if self.master.enabled:
+            self.master.write_events(events)
+
     def close(self) -> None:
         """Flush and close the monitors."""
         self.master.close()
