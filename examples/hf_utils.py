@@ -270,6 +270,13 @@ def prepare_splits(
 def build_ds_config(args: argparse.Namespace, total_steps: int, show_bar: bool) -> dict[str, Any]:
     """DeepSpeed-Chat's ``get_train_ds_config``, from the flags (when no --deepspeed_config is given)."""
     zero: dict[str, Any] = {"stage": args.zero_stage, "overlap_comm": True, "contiguous_gradients": True}
+    if args.zero_stage == 3:
+        # DeepSpeed-Chat's stage-3 values.
+        zero.update(
+            stage3_param_persistence_threshold=int(1e4),
+            stage3_max_live_parameters=int(3e7),
+            stage3_prefetch_bucket_size=int(3e7),
+        )
     if args.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         if args.zero_stage == 3:

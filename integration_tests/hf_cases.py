@@ -147,3 +147,38 @@ def hf_dataset_shards(rank: int, world_size: int, sizes: list[int]) -> dict[str,
             epochs.append({"per_rank": gathered, "shapes": sorted(shapes)})
         out[str(n)] = epochs
     return out
+
+
+def clm_zero3(rank: int, world_size: int, root: str, assets: dict[str, str]) -> dict[str, Any]:
+    """The CLM example at ZeRO-3: partitioned Llama, the HF export consolidated from the partitions.
+
+    The engine's parameters are partitioned, so they are compared inside GatheredParameters, on every
+    rank (a gather is a collective)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from zero_all.zero import GatheredParameters
+
+    main = load_main("clm")
+    out = Path(root) / "clm_z3"
+    argv = [*_common(out, assets, "clm_data", "llama", 3, 12), "--learning_rate", "3e-3", "--dtype", "bf16"]
+    summary = main.main(argv)
+    engine = summary["engine"]
+    res = {k: summary[k] for k in ("losses", "perplexity_before", "perplexity_after", "steps", "zero_stage")}
+    # The last evaluation may keep units for reuse (stage3_max_reuse_distance); this frees them.
+    engine.empty_partition_cache()
+    res["released"] = all(p.untyped_storage().nbytes() == 0 for p in engine.module.model.layers[0].mlp.parameters())
+    loaded = LlamaForCausalLM.from_pretrained(summary["outputs"]["hf_model"], dtype="auto")
+    theirs = loaded.state_dict()
+    with GatheredParameters(list(engine.module.parameters())):
+        mine = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        batch = summary["eval_dataset"][:4]
+        kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            engine.module.eval()
+            ref = engine.module(**kw).logits
+    res["weights_equal"] = sorted(mine) == sorted(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    with torch.no_grad():
+        same = loaded.eval().to(next(iter(mine.values())).dtype)(**kw).logits
+    res["logits_equal"] = bool(torch.equal(ref, same))
+    return res

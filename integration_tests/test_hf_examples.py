@@ -127,3 +127,12 @@ def test_missing_column_is_a_clear_error(tmp_path: Path, assets: dict[str, str])
         )
     msg = str(info.value)
     assert assets["clm_data"] in msg and "['answer']" in msg and "'chosen'" in msg, msg
+
+
+def test_clm_zero3_trains_and_exports_consolidated(tmp_path: Path, assets: dict[str, str]) -> None:
+    for res in run_distributed(hf_cases.clm_zero3, 2, str(tmp_path), assets, timeout=TIMEOUT):
+        assert res["zero_stage"] == 3 and res["steps"] == 12
+        assert _falls(res["losses"]), res["losses"]
+        assert math.isfinite(res["perplexity_after"]) and res["perplexity_after"] < res["perplexity_before"]
+        assert res["released"]  # between steps the layers' parameters hold no memory
+        assert res["weights_equal"] and res["logits_equal"]

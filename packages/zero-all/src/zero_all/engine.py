@@ -222,6 +222,10 @@ class Engine(torch.nn.Module):
 
         return consolidated_state_dict(self, dtype)
 
+    def _zero3_consolidated_16bit_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """DeepSpeed's name for :meth:`consolidated_state_dict` in the training dtype (used by HF exporters)."""
+        return self.consolidated_state_dict()
+
     def save_16bit_model(self, save_dir: str | os.PathLike[str], save_filename: str = "model.safetensors") -> bool:
         """Write the whole model in its training dtype to ``save_dir/save_filename`` (safetensors), rank 0.
 
