@@ -1,0 +1,101 @@
+"""A tiny GPT as pipeline layers, and the same model as one plain module (the reference)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipe3d import LayerSpec, TiedLayerSpec
+
+VOCAB, DIM, SEQ = 32, 16, 8
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block (causal self-attention + MLP), dropout-free for exact comparisons."""
+
+    def __init__(self, dim: int = DIM, heads: int = 2) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[1]
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1)
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class Embed(nn.Module):
+    """Token + position embedding; its ``weight`` is tied to the LM head."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = DIM, seq: int = SEQ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(vocab, dim) * 0.1)
+        self.pos = nn.Parameter(torch.randn(seq, dim) * 0.1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight) + self.pos[: ids.shape[1]]
+
+
+def lm_head(embed: Embed, x: torch.Tensor) -> torch.Tensor:
+    """Logits from the tied embedding matrix."""
+    return x @ embed.weight.t()
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def gpt_specs(blocks: int = 4, tied: bool = True) -> list[Any]:
+    """Embedding, ``blocks`` transformer blocks, final norm, LM head (tied to the embedding or not)."""
+    specs: list[Any] = [TiedLayerSpec("embed", Embed) if tied else LayerSpec(Embed)]
+    specs += [LayerSpec(Block) for _ in range(blocks)]
+    specs.append(LayerSpec(nn.LayerNorm, DIM))
+    if tied:
+        specs.append(TiedLayerSpec("embed", Embed, forward_fn=lm_head))
+    else:
+        specs.append(LayerSpec(nn.Linear, DIM, VOCAB, bias=False))
+    return specs
+
+
+class Reference(nn.Module):
+    """The same layers in one module, named as PipelineModule names them (``"3.weight"``, ``"tied_modules.embed.weight"``)."""
+
+    def __init__(self, specs: list[Any], base_seed: int = 1234) -> None:
+        super().__init__()
+        self.tied_modules = nn.ModuleDict()
+        self.funcs: list[Any] = []
+        for idx, spec in enumerate(specs):
+            torch.manual_seed(base_seed + idx)
+            if isinstance(spec, TiedLayerSpec):
+                if spec.key not in self.tied_modules:
+                    self.tied_modules[spec.key] = spec.build()
+                mod = self.tied_modules[spec.key]
+                fn = spec.forward_fn
+                self.funcs.append((lambda m, f: (lambda x: m(x) if f is None else f(m, x)))(mod, fn))
+            else:
+                mod = spec.build()
+                self.add_module(str(idx), mod)
+                self.funcs.append(mod)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for f in self.funcs:
+            x = f(x)
+        return x
+
+
+def batches(n: int, micro: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` micro-batches of random token ids and next-token labels."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (micro, SEQ + 1), generator=g)
+        out.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
+    return out
