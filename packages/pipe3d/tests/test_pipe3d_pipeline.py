@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from pipe_models import Reference, batches, gpt_specs, loss_fn
 
 from pipe3d import PipelineEngine, PipelineModule
+from pipe3d.models import Reference, batches, gpt_specs, loss_fn
 from zero_testkit import run_distributed
 
 TOL = 1e-5

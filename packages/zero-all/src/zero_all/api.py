@@ -27,6 +27,7 @@ from zero_all.config.model import TORCH_DTYPES, ZeroAllConfig, load_config
 from zero_all.distributed import get_device, init_distributed
 from zero_all.engine import Engine
 from zero_all.optim import OptimizerFactory, optimizer_factory
+from zero_all.pipeline import attach_pipeline, parallel_layout
 from zero_all.schedulers import build_scheduler
 
 __all__ = ["add_config_arguments", "initialize"]
@@ -122,7 +123,11 @@ def _client_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def _build_dataloader(
-    training_data: Any, micro_batch: int, collate_fn: Callable | None, drop_last: bool
+    training_data: Any,
+    micro_batch: int,
+    collate_fn: Callable | None,
+    drop_last: bool,
+    data_parallel: tuple[int, int] | None = None,
 ) -> DataLoader | None:
     if training_data is None:
         return None
@@ -131,8 +136,15 @@ def _build_dataloader(
     if not isinstance(training_data, Dataset):
         raise TypeError(f"training_data must be a torch Dataset (or a DataLoader), got {type(training_data).__name__}")
     sampler = None
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        sampler = DistributedSampler(training_data, num_replicas=dist.get_world_size(), rank=dist.get_rank())
+    # With model parallelism the ranks of one replica (pipeline stages) read the same samples.
+    if data_parallel is not None:
+        replicas, rank = data_parallel
+    elif dist.is_initialized():
+        replicas, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        replicas, rank = 1, 0
+    if replicas > 1:
+        sampler = DistributedSampler(training_data, num_replicas=replicas, rank=rank)
     return DataLoader(
         training_data, batch_size=micro_batch, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last
     )
@@ -162,8 +174,6 @@ def initialize(
     """
     if model is None:
         raise ValueError("initialize() needs model=")
-    if mpu is not None:
-        raise NotImplementedError("mpu (model parallelism) is not wired into zero-all's engine yet")
     if config is None:
         config = config_params
     if config is None and args is not None:
@@ -171,9 +181,10 @@ def initialize(
     if config is None:
         raise ConfigError("initialize() needs config= (a ds_config path, dict or JSON string)")
     init_distributed(dist_init_required)
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-
     cfg = load_config(config)
+    # Pipeline / model parallelism: ZeRO and the batch arithmetic use the data-parallel axis only.
+    layout = parallel_layout(model, mpu, cfg)
+    world_size = layout.data_parallel_world_size
     loader_batch = training_data.batch_size if isinstance(training_data, DataLoader) else None
     ctx = AutoContext(model, optimizer, loader_batch, client_lr_scheduler=lr_scheduler is not None)
     micro_was_auto = cfg.train_micro_batch_size_per_gpu == "auto"
@@ -228,19 +239,35 @@ def initialize(
         gradient_clipping=float(cfg.gradient_clipping),
         gradient_predivide_factor=float(cfg.gradient_predivide_factor),
         grad_accum_dtype=_grad_accum_dtype(cfg, dtype),
+        process_group=layout.data_parallel_group,
     )
 
     _cast_unmanaged(model, dtype, {id(p) for g in groups for _, p in g["params"]})
     scheduler = _build_lr_scheduler(lr_scheduler, optimizer, zero_opt, cfg)
     dataloader = _build_dataloader(
-        training_data, batch.train_micro_batch_size_per_gpu, collate_fn, cfg.dataloader_drop_last
+        training_data,
+        batch.train_micro_batch_size_per_gpu,
+        collate_fn,
+        cfg.dataloader_drop_last,
+        layout.data_parallel_rank_and_size(),
     )
     if "activation_checkpointing" in cfg.raw:
         from act_ckpt import checkpointing
 
         checkpointing.configure(None, deepspeed_config=cfg.raw)
 
-    engine = Engine(model, zero_opt, scheduler, cfg, batch, device=device, training_dataloader=dataloader)
+    engine = Engine(
+        model,
+        zero_opt,
+        scheduler,
+        cfg,
+        batch,
+        device=device,
+        process_group=layout.data_parallel_group,
+        training_dataloader=dataloader,
+    )
+    if layout.pipeline:
+        engine.pipeline = attach_pipeline(engine, model, zero_opt, batch.gradient_accumulation_steps)
     return engine, zero_opt, dataloader, scheduler
 
 

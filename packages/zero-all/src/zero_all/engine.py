@@ -64,6 +64,8 @@ class Engine(torch.nn.Module):
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self.monitor = EngineMonitor(config, batch, self.global_rank, self.world_size)
+        # A pipe3d.PipelineEngine when the model is a PipelineModule (set by initialize()).
+        self.pipeline: Any = None
 
     # ----------------------------------------------------------------- properties DeepSpeed has
     def train_batch_size(self) -> int:
@@ -171,6 +173,51 @@ class Engine(torch.nn.Module):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Drop accumulated gradients (the engine does this itself after each optimizer step)."""
         self.optimizer.zero_grad()
+
+    # ----------------------------------------------------------------- pipelines
+    def _pipeline_engine(self, what: str) -> Any:
+        if self.pipeline is None:
+            raise RuntimeError(f"engine.{what}() needs a pipe3d.PipelineModule model; use forward/backward/step")
+        return self.pipeline
+
+    def train_batch(self, data_iter: Any = None) -> torch.Tensor:
+        """One optimizer step of a PipelineModule over gradient_accumulation_steps micro-batches; the mean loss.
+
+        ``data_iter`` yields ``(inputs, labels)`` micro-batches (the first and last stages read it;
+        None: the engine's training dataloader). ZeRO-1 reduces over the data axis once per batch.
+        """
+        pipe = self._pipeline_engine("train_batch")
+        if data_iter is None:
+            data_iter = self._data_iterator()
+        self.monitor.timers_start("forward")
+        loss = pipe.forward_backward(data_iter)
+        self.monitor.timers_stop("forward")
+        self._loss_sum, self._loss_count = loss.detach().float(), 1
+        # The pipeline ran all micro steps; step() counts the last one and steps at the boundary.
+        self.micro_steps += self.batch.gradient_accumulation_steps - 1
+        self.step()
+        return loss
+
+    def eval_batch(self, data_iter: Any, return_logits: bool = False, bcast_loss: bool = True) -> Any:
+        """Forward of gradient_accumulation_steps micro-batches of a PipelineModule; the mean loss."""
+        return self._pipeline_engine("eval_batch").eval_batch(
+            data_iter, return_logits=return_logits, bcast_loss=bcast_loss
+        )
+
+    def _data_iterator(self) -> Any:
+        if self.training_dataloader is None:
+            raise RuntimeError("engine.train_batch() without data_iter needs training_data= in initialize()")
+        if getattr(self, "_train_iter", None) is None:
+            self._train_iter = iter(self.training_dataloader)
+        return self._train_iter
+
+    def is_first_stage(self) -> bool:
+        """Whether this rank holds the first pipeline stage (True without a pipeline)."""
+        return self.pipeline is None or self.pipeline.is_first_stage()
+
+    def is_last_stage(self) -> bool:
+        """Whether this rank holds the last pipeline stage (True without a pipeline)."""
+        return self.pipeline is None or self.pipeline.is_last_stage()
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(

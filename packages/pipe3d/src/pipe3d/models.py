@@ -1,4 +1,10 @@
-"""A tiny GPT as pipeline layers, and the same model as one plain module (the reference)."""
+"""A tiny GPT as pipeline layers, and the same model as one plain module.
+
+What the tests and ``benchmarks/pipeline.py`` train, and an example of writing a model for
+:class:`~pipe3d.PipelineModule`: the embedding is a :class:`~pipe3d.TiedLayerSpec` reused as the
+LM head (``forward_fn``), and :class:`Reference` is the identical model in one process (same
+seeds per layer as ``PipelineModule(seed_layers=True)``), the baseline every pipeline run must match.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipe3d import LayerSpec, TiedLayerSpec
+from pipe3d.module import LayerSpec, TiedLayerSpec
+
+__all__ = ["DIM", "SEQ", "VOCAB", "Block", "Embed", "Reference", "batches", "gpt_specs", "lm_head", "loss_fn"]
 
 VOCAB, DIM, SEQ = 32, 16, 8
 
@@ -53,15 +61,17 @@ def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def gpt_specs(blocks: int = 4, tied: bool = True) -> list[Any]:
+def gpt_specs(
+    blocks: int = 4, tied: bool = True, vocab: int = VOCAB, dim: int = DIM, seq: int = SEQ, heads: int = 2
+) -> list[Any]:
     """Embedding, ``blocks`` transformer blocks, final norm, LM head (tied to the embedding or not)."""
-    specs: list[Any] = [TiedLayerSpec("embed", Embed) if tied else LayerSpec(Embed)]
-    specs += [LayerSpec(Block) for _ in range(blocks)]
-    specs.append(LayerSpec(nn.LayerNorm, DIM))
+    specs: list[Any] = [TiedLayerSpec("embed", Embed, vocab, dim, seq) if tied else LayerSpec(Embed, vocab, dim, seq)]
+    specs += [LayerSpec(Block, dim, heads) for _ in range(blocks)]
+    specs.append(LayerSpec(nn.LayerNorm, dim))
     if tied:
-        specs.append(TiedLayerSpec("embed", Embed, forward_fn=lm_head))
+        specs.append(TiedLayerSpec("embed", Embed, vocab, dim, seq, forward_fn=lm_head))
     else:
-        specs.append(LayerSpec(nn.Linear, DIM, VOCAB, bias=False))
+        specs.append(LayerSpec(nn.Linear, dim, vocab, bias=False))
     return specs
 
 
@@ -91,11 +101,13 @@ class Reference(nn.Module):
         return x
 
 
-def batches(n: int, micro: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(
+    n: int, micro: int = 2, seed: int = 0, vocab: int = VOCAB, seq: int = SEQ
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``n`` micro-batches of random token ids and next-token labels."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        ids = torch.randint(0, VOCAB, (micro, SEQ + 1), generator=g)
+        ids = torch.randint(0, vocab, (micro, seq + 1), generator=g)
         out.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
     return out

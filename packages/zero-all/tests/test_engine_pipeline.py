@@ -1,0 +1,82 @@
+"""A PipelineModule through initialize(): train_batch/eval_batch, ZeRO-1 over the data axis, the rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import zero_all
+from pipe3d import PipelineModule, PipelineParallelGrid, PipeModelDataParallelTopology
+from pipe3d.models import Reference, batches, gpt_specs, loss_fn
+from zero_testkit import run_distributed
+
+TOL = 1e-5
+MICRO, GAS, STEPS, LR = 2, 4, 3, 1e-2
+
+
+def _config(stage: int, dp: int) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": GAS,
+        "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True, "weight_decay": 0.01}},
+        "zero_optimization": {"stage": stage},
+    }
+
+
+def _reference(dp: int) -> list[float]:
+    ref = Reference(gpt_specs(blocks=2))
+    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.01)
+    losses = []
+    for s in range(STEPS):
+        mbs = [mb for d in range(dp) for mb in batches(GAS, MICRO, seed=10 * s + d)]
+        total = sum(loss_fn(ref(x), y) for x, y in mbs) / len(mbs)
+        total.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(total.detach()))
+    return losses
+
+
+def _train(rank: int, world: int, pp: int, stage: int) -> list[float]:
+    dp = world // pp
+    module = PipelineModule(gpt_specs(blocks=2), num_stages=pp, loss_fn=loss_fn, seed_layers=True)
+    engine, *_ = zero_all.initialize(model=module, config=_config(stage, dp))
+    assert engine.train_batch_size() == MICRO * GAS * dp
+    d = module.mpu().get_data_parallel_rank()
+    losses = [float(engine.train_batch(iter(batches(GAS, MICRO, seed=10 * s + d)))) for s in range(STEPS)]
+    ref = _reference(dp)
+    for s in range(STEPS):
+        assert abs(losses[s] - ref[s]) <= TOL, (rank, s, losses, ref)
+    assert engine.global_steps == STEPS and engine.micro_steps == STEPS * GAS
+    ev = float(engine.eval_batch(iter(batches(GAS, MICRO, seed=99))))
+    assert ev > 0
+    with pytest.raises(RuntimeError, match="train_batch"):
+        zero_all.initialize(model=torch.nn.Linear(2, 2), config=_config(0, world))[0].train_batch(iter([]))
+    return losses
+
+
+def test_pipeline_zero1_2_ranks_matches_single_process() -> None:
+    run_distributed(_train, 2, 2, 1, timeout=240)
+
+
+def test_pipeline_2x2_zero1_matches_single_process() -> None:
+    run_distributed(_train, 4, 2, 1, timeout=240)
+
+
+def _rules(rank: int, world: int) -> None:
+    module = PipelineModule(gpt_specs(blocks=2), num_stages=2, loss_fn=loss_fn)
+    with pytest.raises(zero_all.ConfigError, match="stage: 2 with a PipelineModule"):
+        zero_all.initialize(model=module, config=_config(2, 1))
+    with pytest.raises(zero_all.ConfigError, match="gradient_clipping"):
+        zero_all.initialize(model=module, config={**_config(1, 1), "gradient_clipping": 1.0})
+    # mpu= with a plain model: ZeRO and the batch arithmetic use the grid's data axis.
+    grid = PipelineParallelGrid(PipeModelDataParallelTopology(num_pp=1, num_mp=2, num_dp=1))
+    engine, *_ = zero_all.initialize(model=torch.nn.Linear(4, 4), config=_config(1, 1), mpu=grid)
+    assert engine.train_batch_size() == MICRO * GAS
+    assert engine.optimizer.world_size == 1
+    dist.barrier()
+
+
+def test_pipeline_rules() -> None:
+    run_distributed(_rules, 2, timeout=120)
