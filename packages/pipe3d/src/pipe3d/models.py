@@ -16,7 +16,20 @@ from torch import nn
 
 from pipe3d.module import LayerSpec, TiedLayerSpec
 
-__all__ = ["DIM", "SEQ", "VOCAB", "Block", "Embed", "Reference", "batches", "gpt_specs", "lm_head", "loss_fn"]
+__all__ = [
+    "DIM",
+    "SEQ",
+    "VOCAB",
+    "Block",
+    "DenseBlock",
+    "Embed",
+    "ParallelBlock",
+    "Reference",
+    "batches",
+    "gpt_specs",
+    "lm_head",
+    "loss_fn",
+]
 
 VOCAB, DIM, SEQ = 32, 16, 8
 
@@ -111,3 +124,69 @@ def batches(
         ids = torch.randint(0, vocab, (micro, seq + 1), generator=g)
         out.append((ids[:, :-1].contiguous(), ids[:, 1:].contiguous()))
     return out
+
+
+class DenseBlock(nn.Module):
+    """A pre-norm causal transformer block with separate q/k/v projections: the dense twin of :class:`ParallelBlock`."""
+
+    def __init__(self, dim: int = DIM, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def _attend(self, h: torch.Tensor, heads: int) -> torch.Tensor:
+        b, t, _ = h.shape
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(b, t, heads, -1).transpose(1, 2)
+
+        a = F.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)), is_causal=True)
+        return a.transpose(1, 2).reshape(b, t, -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.o(self._attend(self.ln1(x), self.heads))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class ParallelBlock(DenseBlock):
+    """:class:`DenseBlock` tensor-parallel over ``group``: heads and MLP columns split, Megatron-style.
+
+    Built under the same seed as a DenseBlock it holds that block's slices. With
+    ``sequence_parallel`` its input and output are split along the sequence.
+    """
+
+    def __init__(self, dim: int = DIM, heads: int = 2, group: Any = None, sequence_parallel: bool = False) -> None:
+        nn.Module.__init__(self)
+        from pipe3d.tensor_parallel import ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm
+        from pipe3d.tensor_parallel.mappings import tp_world_size
+
+        t = tp_world_size(group)
+        if heads % t:
+            raise ValueError(f"ParallelBlock: {heads} heads cannot be split over {t} tensor-parallel ranks")
+        self.heads = heads // t
+        sp = sequence_parallel
+        norm = (lambda: SequenceParallelLayerNorm(dim, group=group)) if sp else (lambda: nn.LayerNorm(dim))
+        col = dict(gather_output=False, group=group, sequence_parallel=sp)
+        row = dict(input_is_parallel=True, group=group, sequence_parallel=sp)
+        self.ln1 = norm()
+        self.q, self.k, self.v = (ColumnParallelLinear(dim, dim, **col) for _ in range(3))
+        self.o = RowParallelLinear(dim, dim, **row)
+        self.ln2 = norm()
+        self.fc1, self.fc2 = ColumnParallelLinear(dim, 4 * dim, **col), RowParallelLinear(4 * dim, dim, **row)
+        self.sequence_parallel = sp
+        self.group = group
+
+    def _attend(self, h: torch.Tensor, heads: int) -> torch.Tensor:
+        b = h.shape[0]
+        q, k, v = self.q(h), self.k(h), self.v(h)  # the full sequence, this rank's heads
+        t = q.shape[1]
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(b, t, heads, -1).transpose(1, 2)
+
+        a = F.scaled_dot_product_attention(split(q), split(k), split(v), is_causal=True)
+        return a.transpose(1, 2).reshape(b, t, -1)

@@ -174,6 +174,8 @@ class PipelineModule(nn.Module):
         activation_checkpoint_func: the checkpoint function (default: act-ckpt's, non-reentrant).
         checkpointable_layers: class names eligible for checkpointing (default: any run with parameters).
         num_chunks: model chunks per stage for the interleaved schedule (Megatron's virtual stages).
+        grid: an existing :class:`~pipe3d.topology.PipelineParallelGrid` of ``topology`` to reuse (e.g.
+            the one whose tensor-parallel group the layers were given); None: build one.
 
     Without torch.distributed (or with ``num_stages=1``) the whole model is one stage, which is
     also the single-process reference the tests compare against.
@@ -193,8 +195,13 @@ class PipelineModule(nn.Module):
         activation_checkpoint_func: Callable[..., Any] | None = None,
         checkpointable_layers: Sequence[str] | None = None,
         num_chunks: int = 1,
+        grid: PipelineParallelGrid | None = None,
     ) -> None:
         super().__init__()
+        if grid is not None:
+            topology = grid.topology() if topology is None else topology
+            if topology is not grid.topology():
+                raise ValueError("grid= was built from another topology than topology=")
         if num_stages is None and topology is None:
             raise ValueError("PipelineModule needs num_stages= or topology=")
         if activation_checkpoint_interval < 0:
@@ -223,7 +230,7 @@ class PipelineModule(nn.Module):
         self._topo = topology
         self.num_stages = topology.get_dim("pipe")
         if distributed:
-            self._grid: PipelineParallelGrid | None = PipelineParallelGrid(topology)
+            self._grid: PipelineParallelGrid | None = grid if grid is not None else PipelineParallelGrid(topology)
             self.global_rank = dist.get_rank()
             self.stage_id = self._grid.get_stage_id()
         else:
