@@ -230,6 +230,11 @@ class Engine(torch.nn.Module):
     ) -> bool:
         """Write a pickle-free checkpoint to ``save_dir/tag`` (tag defaults to ``global_step<N>``)."""
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
+        if self.pipeline is not None:
+            from zero_all.pipeline import save_pipeline_engine
+
+            save_pipeline_engine(self, save_dir, tag, client_state or {}, save_latest)
+            return True
         save_engine_checkpoint(self, save_dir, tag, client_state or {}, save_latest=save_latest)
         return True
 
@@ -243,6 +248,17 @@ class Engine(torch.nn.Module):
         load_module_only: bool = False,
     ) -> tuple[str | None, dict[str, Any] | None]:
         """Load a checkpoint (any world size, any stage 0-2); returns ``(path, client_state)`` or ``(None, None)``."""
+        if self.pipeline is not None:
+            from zero_all.pipeline import load_pipeline_engine
+
+            return load_pipeline_engine(
+                self,
+                load_dir,
+                tag,
+                strict=load_module_strict,
+                load_optimizer_states=load_optimizer_states and not load_module_only,
+                load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
+            )
         return load_engine_checkpoint(
             self,
             load_dir,

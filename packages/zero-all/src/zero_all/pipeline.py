@@ -9,13 +9,21 @@ optimizer (``backward(tensor, boundary)``) so ZeRO-1 reduces once per batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from zero_all.config.loader import ConfigError
 
-__all__ = ["ParallelLayout", "attach_pipeline", "parallel_layout"]
+__all__ = [
+    "ParallelLayout",
+    "attach_pipeline",
+    "load_pipeline_engine",
+    "parallel_layout",
+    "save_pipeline_engine",
+]
 
 
 @dataclass(frozen=True)
@@ -82,3 +90,74 @@ def attach_pipeline(engine: Any, model: Any, optimizer: Any, gradient_accumulati
 
     schedule = "interleaved" if model.num_chunks > 1 else "1f1b"
     return PipelineEngine(model, gradient_accumulation_steps, schedule=schedule, backward=backward)
+
+
+def save_pipeline_engine(engine: Any, save_dir: Any, tag: str, client_state: dict[str, Any], save_latest: bool) -> None:
+    """An engine checkpoint of a PipelineModule: per-layer weights, optimizer state per rank, counters."""
+    from pipe3d.checkpoint import save_pipeline_checkpoint
+    from zero_all.checkpoint.engine_io import _check_json
+
+    meta = {
+        "zero_stage": engine.zero_optimization_stage(),
+        "engine": {
+            "global_steps": engine.global_steps,
+            "global_samples": engine.global_samples,
+            "micro_steps": engine.micro_steps,
+            "skipped_steps": engine.skipped_steps,
+        },
+        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "client_state": _check_json(client_state),
+        "ds_config": engine.config.raw,
+    }
+    save_pipeline_checkpoint(
+        engine.module,
+        save_dir,
+        tag,
+        optimizer_state=engine.optimizer.sharded_state(),
+        meta=meta,
+        save_latest=save_latest,
+    )
+
+
+def load_pipeline_engine(
+    engine: Any,
+    load_dir: Any,
+    tag: str | None,
+    *,
+    strict: bool,
+    load_optimizer_states: bool,
+    load_lr_scheduler_states: bool,
+) -> tuple[str | None, dict[str, Any] | None]:
+    """Load a :func:`save_pipeline_engine` checkpoint, at the same or another pipeline / data split."""
+    import warnings
+
+    from pipe3d.checkpoint import load_pipeline_checkpoint, read_latest
+    from zero_all.checkpoint.files import CheckpointError
+
+    if tag is None and read_latest(load_dir) is None:
+        return None, None
+    manifest, shards = load_pipeline_checkpoint(engine.module, load_dir, tag, strict=strict)
+    meta = manifest["meta"]
+    if shards is not None and load_optimizer_states:
+        engine.optimizer.load_sharded_state(shards)
+    else:
+        if engine.optimizer.compute_dtype != torch.float32:
+            raise CheckpointError(
+                "this pipeline checkpoint was saved with another layer -> stage split: only the weights can be "
+                "loaded, and that needs an fp32 model (the 16-bit model's fp32 master would not follow)"
+            )
+        if load_optimizer_states:
+            warnings.warn(
+                "pipeline checkpoint saved with another layer -> stage split: weights loaded, the optimizer "
+                "state (moments, step counts) was not",
+                UserWarning,
+                stacklevel=3,
+            )
+        engine.optimizer.zero_grad()
+    if load_lr_scheduler_states and engine.lr_scheduler is not None and meta.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    if load_optimizer_states:
+        for key, value in meta["engine"].items():
+            setattr(engine, key, int(value))
+    tag = tag if tag is not None else read_latest(load_dir)
+    return str(Path(load_dir) / str(tag)), meta.get("client_state", {})
