@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
 from pipe3d import PipelineEngine, PipelineModule
 from pipe3d.models import Reference, batches, gpt_specs, loss_fn
-from zero_testkit import run_distributed
+from zero_testkit import DistributedTestError, run_distributed
 
 TOL = 1e-5
 
@@ -90,3 +91,22 @@ def test_pipeline_2_ranks_match_single_process() -> None:
 def test_pipeline_2x2_ranks_match_single_process() -> None:
     """PP=2 x DP=2: 1F1B with tied weights, interleaved without."""
     run_distributed(_cases, 4, [(2, "1f1b", 1, 0, True), (2, "interleaved", 2, 1, False)], timeout=240)
+
+
+def _shape_change(rank: int, world: int) -> None:
+    module = PipelineModule(gpt_specs(blocks=2), num_stages=2, loss_fn=loss_fn)
+    engine = PipelineEngine(module, 2, schedule="gpipe")
+    short = [(x[:, :6], y[:, :6]) for x, y in batches(1, seed=1)]
+    engine.forward_backward(iter(batches(1) + short))  # micro-batch 1 is shorter: stage 0 must refuse
+
+
+def _no_data(rank: int, world: int) -> None:
+    module = PipelineModule(gpt_specs(blocks=2), num_stages=2, loss_fn=loss_fn)
+    PipelineEngine(module, 4).forward_backward(iter(batches(2)))  # 2 micro-batches for 4
+
+
+def test_changed_shapes_and_short_data_fail_clearly_without_hanging() -> None:
+    with pytest.raises(DistributedTestError, match="must keep their shapes and dtypes"):
+        run_distributed(_shape_change, 2, timeout=120)
+    with pytest.raises(DistributedTestError, match="ran out at micro-batch 2 of 4"):
+        run_distributed(_no_data, 2, timeout=120)
