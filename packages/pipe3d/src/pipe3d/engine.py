@@ -17,7 +17,7 @@ DeepSpeed's ``train_batch``). Who owns the gradients decides the last part:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,10 +25,20 @@ import torch.distributed as dist
 
 from pipe3d.executor import BatchStats, PipelineExecutor, inject_grads
 from pipe3d.module import PipelineModule
-from pipe3d.p2p import P2P
+from pipe3d.p2p import P2P, LocalP2P
 from pipe3d.schedule import InferenceSchedule, PipeSchedule, make_schedule
 
 __all__ = ["PipelineEngine"]
+
+
+def _as_iterator(data_iter: Any) -> Iterator[Any] | None:
+    """The data iterator as given; a re-iterable (a DataLoader, a list) would restart every batch: refused."""
+    if data_iter is None or isinstance(data_iter, Iterator):
+        return data_iter
+    raise TypeError(
+        f"data_iter must be an iterator (e.g. iter(loader)), got {type(data_iter).__name__}: a DataLoader or list "
+        "passed each batch would start again from its first micro-batch"
+    )
 
 
 def _device_of(module: torch.nn.Module) -> torch.device:
@@ -100,9 +110,9 @@ class PipelineEngine:
         )
         self.global_steps = 0
 
-    def _make_p2p(self) -> P2P | None:
-        if self.grid is None or self.num_stages == 1:
-            return None
+    def _make_p2p(self) -> P2P | LocalP2P | None:
+        if self.num_stages == 1:
+            return LocalP2P() if self.chunks > 1 else None
         grid = self.grid
         return P2P(
             self.stage_id,
@@ -128,15 +138,21 @@ class PipelineEngine:
         return self.stage_id == self.num_stages - 1
 
     # ---- training -------------------------------------------------------------------------------------
-    def forward_backward(self, data_iter: Iterator[Any] | Iterable[Any] | None) -> torch.Tensor:
+    def _sync_device(self) -> None:
+        """Follow the module if it was moved since construction (received tensors are allocated there)."""
+        self.device = _device_of(self.module)
+        self._executor.device = self.device
+        for p2p in self._p2p.values():
+            if isinstance(p2p, P2P):
+                p2p.device = self.device
+
+    def forward_backward(self, data_iter: Iterator[Any] | None) -> torch.Tensor:
         """Forward and backward of one batch with complete gradients; no optimizer step. Returns the mean loss."""
-        it = iter(data_iter) if data_iter is not None and not isinstance(data_iter, Iterator) else data_iter
+        it = _as_iterator(data_iter)
         self.module.train()
+        self._sync_device()
         self.module.begin_tied_batch()
         backward = self._backward or (lambda t, boundary: t.backward())
-        if self.device.type == "cpu":
-            self.device = _device_of(self.module)  # the module may have been moved since construction
-        self._executor.device = self.device
         losses, _ = self._executor.run(self.schedule, it, backward, train=True)
         tied = self.module.end_tied_batch()
         if self._backward is not None:
@@ -145,7 +161,7 @@ class PipelineEngine:
             self._finish_plain(tied)
         return self._aggregate_loss(losses)
 
-    def train_batch(self, data_iter: Iterator[Any] | Iterable[Any] | None = None) -> torch.Tensor:
+    def train_batch(self, data_iter: Iterator[Any] | None = None) -> torch.Tensor:
         """One optimizer step over ``micro_batches`` micro-batches; returns the mean loss (every rank)."""
         loss = self.forward_backward(data_iter)
         if self.optimizer is not None:
@@ -215,7 +231,7 @@ class PipelineEngine:
     @torch.no_grad()
     def eval_batch(
         self,
-        data_iter: Iterator[Any] | Iterable[Any] | None = None,
+        data_iter: Iterator[Any] | None = None,
         return_logits: bool = False,
         bcast_loss: bool = True,
         num_micro_batches: int | None = None,
@@ -225,7 +241,8 @@ class PipelineEngine:
         With ``return_logits`` also the last stage's outputs (a list, one per micro-batch; empty on
         other stages). ``bcast_loss=False`` leaves the loss on the last stage only (others get 0).
         """
-        it = iter(data_iter) if data_iter is not None and not isinstance(data_iter, Iterator) else data_iter
+        it = _as_iterator(data_iter)
+        self._sync_device()
         self.module.eval()
         m = self.micro_batches if num_micro_batches is None else int(num_micro_batches)
         schedule = InferenceSchedule(m, self.num_stages, self.chunks)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pipe3d.p2p import P2P, as_tuple
+from pipe3d.p2p import P2P, LocalP2P, as_tuple
 from pipe3d.schedule import (
     Backward,
     Forward,
@@ -129,7 +129,7 @@ class PipelineExecutor:
         stage: int,
         num_stages: int,
         chunks: int,
-        p2p: P2P | None,
+        p2p: P2P | LocalP2P | None,
         device: torch.device,
         measure_memory: bool = False,
     ) -> None:

@@ -424,18 +424,16 @@ class PipelineModule(nn.Module):
         return act_ckpt.checkpoint
 
     def forward(self, inputs: Any) -> Any:
-        """Run every chunk of this stage in order (the whole model when there is one stage)."""
-        if self.num_stages != 1 or self.num_chunks != 1:
-            x = inputs
-            for c in range(self.num_chunks):
-                x = self.forward_chunk(c, x)
-            if self.num_stages != 1:
-                raise RuntimeError(
-                    "PipelineModule.forward runs one stage only; train with engine.train_batch() (zero-all) "
-                    "or pipe3d.PipelineEngine"
-                )
-            return x
-        return self.forward_chunk(0, inputs)
+        """The whole model when it is one stage (its chunks in order); refused with several stages."""
+        if self.num_stages != 1:
+            raise RuntimeError(
+                f"PipelineModule.forward: this rank holds stage {self.stage_id} of {self.num_stages} only; train "
+                "with engine.train_batch() (zero-all) or pipe3d.PipelineEngine, evaluate with eval_batch()"
+            )
+        x = inputs
+        for c in range(self.num_chunks):
+            x = self.forward_chunk(c, x)
+        return x
 
     # ---- what the engine and checkpoints read ----------------------------------------------------------
     def topology(self) -> ProcessTopology:

@@ -197,3 +197,37 @@ class P2P:
 
 def _describe(metas: Sequence[TensorMeta]) -> str:
     return "(" + ", ".join(f"{list(m.shape)} {str(m.dtype).replace('torch.', '')}" for m in metas) + ")"
+
+
+class LocalP2P:
+    """The :class:`P2P` interface within one process (one stage holding several chunks, ``P = 1``).
+
+    Activations are detached (and require a gradient where the sender's did), so each chunk's
+    backward stays separate as it would across ranks.
+    """
+
+    def __init__(self) -> None:
+        self._act: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        self._grad: dict[int, list[list[torch.Tensor]]] = {}
+        self.meta: dict[int, list[TensorMeta]] = {}
+
+    def send_activations(self, tensors: tuple[torch.Tensor, ...], src_vs: int) -> None:
+        """Queue ``src_vs``'s outputs for ``src_vs + 1``."""
+        self.meta[src_vs] = [TensorMeta.of(t) for t in tensors]
+        out = tuple(t.detach().requires_grad_(m.requires_grad) for t, m in zip(tensors, self.meta[src_vs], strict=True))
+        self._act.setdefault(src_vs, []).append(out)
+
+    def recv_activations(self, dst_vs: int) -> tuple[torch.Tensor, ...]:
+        """The oldest queued inputs of ``dst_vs``."""
+        return self._act[dst_vs - 1].pop(0)
+
+    def send_grads(self, grads: Sequence[torch.Tensor], src_vs: int) -> None:
+        """Queue the gradients of ``src_vs``'s inputs for ``src_vs - 1``."""
+        self._grad.setdefault(src_vs - 1, []).append([g.detach() for g in grads])
+
+    def recv_grads(self, dst_vs: int) -> list[torch.Tensor]:
+        """The oldest queued gradients of ``dst_vs``'s outputs."""
+        return self._grad[dst_vs].pop(0)
+
+    def wait_sends(self) -> None:
+        """Nothing is in flight."""
