@@ -33,7 +33,7 @@ def _reference_grads(specs, data, steps: int, lr: float) -> tuple[list[float], d
 def _pipeline(rank: int, world: int, pp: int, schedule: str, chunks: int, interval: int, tied: bool) -> None:
     dp = world // pp
     m, steps, lr = 4, 2, 0.5
-    specs = gpt_specs(blocks=4, tied=tied)
+    specs = gpt_specs(blocks=2, tied=tied)
     module = PipelineModule(
         specs,
         num_stages=pp,
@@ -47,7 +47,7 @@ def _pipeline(rank: int, world: int, pp: int, schedule: str, chunks: int, interv
     # Step s, replica d: its own micro-batches; the reference sees all replicas' micro-batches.
     data = {(s, d): batches(m, seed=100 * s + d) for s in range(steps) for d in range(dp)}
     ref_losses, ref_grads = _reference_grads(
-        gpt_specs(blocks=4, tied=tied),
+        gpt_specs(blocks=2, tied=tied),
         [[mb for d in range(dp) for mb in data[(s, d)]] for s in range(steps)],
         steps,
         lr,
@@ -74,6 +74,7 @@ def _pipeline(rank: int, world: int, pp: int, schedule: str, chunks: int, interv
 
 
 def _cases(rank: int, world: int, cases: list[tuple]) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
     # Several configurations in one set of processes: starting ranks costs more than a case.
     for case in cases:
         try:
@@ -94,6 +95,7 @@ def test_pipeline_2x2_ranks_match_single_process() -> None:
 
 
 def _shape_change(rank: int, world: int) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
     module = PipelineModule(gpt_specs(blocks=2), num_stages=2, loss_fn=loss_fn)
     engine = PipelineEngine(module, 2, schedule="gpipe")
     short = [(x[:, :6], y[:, :6]) for x, y in batches(1, seed=1)]
@@ -101,6 +103,7 @@ def _shape_change(rank: int, world: int) -> None:
 
 
 def _no_data(rank: int, world: int) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
     module = PipelineModule(gpt_specs(blocks=2), num_stages=2, loss_fn=loss_fn)
     PipelineEngine(module, 4).forward_backward(iter(batches(2)))  # 2 micro-batches for 4
 

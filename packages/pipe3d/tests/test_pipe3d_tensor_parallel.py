@@ -145,6 +145,7 @@ class _Head(nn.Module):
 
 def _pp_tp(rank: int, world: int) -> None:
     """PP=2 x TP=2: each stage's blocks tensor-parallel; losses and gradients equal the dense model."""
+    torch.set_num_threads(1)  # the ranks share the machine's cores
     topo = PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=1)
     grid = PipelineParallelGrid(topo)
     tp = grid.get_tensor_model_parallel_group()
@@ -179,6 +180,7 @@ def _pp_tp(rank: int, world: int) -> None:
 
 
 def _all(rank: int, world: int) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
     _slices(rank, world)
     _block(rank, world, False)
     _block(rank, world, True)

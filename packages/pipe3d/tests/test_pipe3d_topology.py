@@ -89,6 +89,7 @@ def test_partition_methods_single_process() -> None:
 
 
 def _grid_and_partitions(rank: int, world: int) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
     topo = PipeModelDataParallelTopology(num_pp=2, num_mp=1, num_dp=2)
     grid = PipelineParallelGrid(topo)
     assert grid.get_stage_id() == rank // 2 and grid.get_data_parallel_rank() == rank % 2

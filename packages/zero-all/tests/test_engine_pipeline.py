@@ -39,6 +39,7 @@ def _reference(dp: int) -> list[float]:
 
 
 def _train(rank: int, world: int, pp: int, stage: int) -> list[float]:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
     dp = world // pp
     module = PipelineModule(gpt_specs(blocks=2), num_stages=pp, loss_fn=loss_fn, seed_layers=True)
     engine, *_ = zero_all.initialize(model=module, config=_config(stage, dp))
@@ -107,6 +108,7 @@ def _checkpoint(rank: int, world: int, tmp: str) -> None:
 
 
 def _two_ranks(rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)  # the ranks share the machine's cores
     # One set of processes for the 2-rank cases: starting ranks costs more than a case here.
     _train(rank, world, 2, 1)
     _rules(rank, world)
