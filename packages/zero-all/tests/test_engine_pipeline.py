@@ -107,14 +107,26 @@ def _checkpoint(rank: int, world: int, tmp: str) -> None:
     assert probe != a  # the probe was taken one step later
 
 
+def _bf16(rank: int, world: int) -> None:
+    """bf16 through the pipeline (activations, gradients and tied weights in bf16) tracks fp32."""
+    losses = {}
+    for bf16 in (False, True):
+        module = PipelineModule(gpt_specs(blocks=2), num_stages=2, loss_fn=loss_fn, seed_layers=True)
+        engine, *_ = zero_all.initialize(model=module, config={**_config(1, 1), "bf16": {"enabled": bf16}})
+        losses[bf16] = [float(engine.train_batch(iter(batches(GAS, MICRO, seed=s)))) for s in range(STEPS)]
+    for a, b in zip(losses[False], losses[True], strict=True):
+        assert abs(a - b) <= 2e-2, losses
+
+
 def _two_ranks(rank: int, world: int, tmp: str) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
     # One set of processes for the 2-rank cases: starting ranks costs more than a case here.
     _train(rank, world, 2, 1)
     _rules(rank, world)
     _checkpoint(rank, world, tmp)
+    _bf16(rank, world)
 
 
 def test_pipeline_2_ranks_zero1_rules_and_checkpoints(tmp_path) -> None:
-    """PP=2 with ZeRO-1 matches one process; ZeRO-2/clipping refused; mpu= accepted; checkpoints at two splits."""
+    """PP=2 with ZeRO-1 matches one process; ZeRO-2/clipping refused; mpu= accepted; checkpoints at two splits; bf16."""
     run_distributed(_two_ranks, 2, str(tmp_path), timeout=300)
