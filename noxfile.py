@@ -4,6 +4,12 @@ Every session builds its own environment with uv (fast, and uv's cache makes
 torch a hard-link, not a download). Siblings come from this checkout through
 each package's [tool.uv.sources]; ds-native is compiled once and reused from
 uv's cache until one of its sources changes (its [tool.uv] cache-keys).
+
+The test sessions also make sure of the Debian packages the tests use (.ci/apt-packages.txt:
+sshd and pdsh for the two-host launcher tests, libaio/liburing for ds-native's async IO):
+missing ones are installed with apt-get when nox runs as root or with password-less sudo, so
+`pip install nox uv && nox` works alone on a fresh machine. Elsewhere the tests that need
+them skip, saying what to install; with CI set (as .ci/run does) a missing package fails.
 """
 
 from __future__ import annotations
@@ -45,6 +51,51 @@ def _find_links() -> list[str]:
     return [arg for link in links for arg in ("--find-links", link)]
 
 
+_APT_LIST = ROOT / ".ci" / "apt-packages.txt"
+_apt_checked = False
+
+
+def _missing_debian_packages() -> list[str]:
+    wanted = [ln.strip() for ln in _APT_LIST.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    missing = []
+    for pkg in wanted:
+        out = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True)
+        if "install ok installed" not in out.stdout:
+            missing.append(pkg)
+    return missing
+
+
+def _ensure_debian_packages(session: nox.Session) -> None:
+    """Install the missing packages of .ci/apt-packages.txt once per nox run (root or sudo -n only)."""
+    global _apt_checked
+    if _apt_checked:
+        return
+    _apt_checked = True
+    if shutil.which("dpkg-query") is None or shutil.which("apt-get") is None:
+        session.log("not a Debian/Ubuntu system: tests needing .ci/apt-packages.txt skip where it is missing")
+        return
+    missing = _missing_debian_packages()
+    if not missing:
+        return
+    sudo: list[str] = []
+    if os.geteuid() != 0:
+        if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+            sudo = ["sudo"]
+        else:
+            msg = (
+                f"Debian packages missing: {' '.join(missing)}; the tests that need them skip. "
+                f"Install them with: sudo apt-get install {' '.join(missing)}"
+            )
+            if os.environ.get("CI"):
+                session.error(msg)
+            session.warn(msg)
+            return
+    session.log(f"installing Debian packages the tests use: {' '.join(missing)}")
+    env = {"DEBIAN_FRONTEND": "noninteractive"}
+    session.run(*sudo, "apt-get", "update", "-qq", external=True, env=env)
+    session.run(*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing, external=True, env=env)
+
+
 def _install(session: nox.Session, *targets: str) -> None:
     session.install("-c", str(ROOT / "constraints.txt"), *_find_links(), *targets)
 
@@ -54,6 +105,7 @@ def _install(session: nox.Session, *targets: str) -> None:
 def tests(session: nox.Session, package: str) -> None:
     """One package alone: install only it (siblings via its requirements) and run its tests."""
     path = PACKAGES[package]
+    _ensure_debian_packages(session)
     _install(session, f"./{path}[test]", *TEST_TOOLS)
     session.run("python", "-m", "pytest", f"{path}/tests", *session.posargs)
 
@@ -61,6 +113,7 @@ def tests(session: nox.Session, package: str) -> None:
 @nox.session
 def integration(session: nox.Session) -> None:
     """Cross-package tests, repository checks and the test helper's own tests, with everything installed."""
+    _ensure_debian_packages(session)
     _install(session, "./packages/zero-all[test]", "./packages/ds-monitor[tensorboard,plot]", *TEST_TOOLS)
     session.run("python", "-m", "pytest", "integration_tests", "testing/tests", *session.posargs)
 

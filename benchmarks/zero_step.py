@@ -6,14 +6,19 @@ A tiny GPT (default 8 layers, d 512) trains on 2 gloo ranks on CPU, one thread p
   zero1 / zero2  ZeroShardedOptimizer stage 1 / 2 with zero_shard.default_optimizer_factory
                  (ds-native CPUAdam), collectives chosen for the backend (gloo: all-reduce based)
   zero2-rs       stage 2 forced to the textbook collectives (reduce to owners + all-gather)
-  ds1 / ds2      DeepSpeed ZeRO stage 1 / 2 with the same model and batch, when ``deepspeed`` imports
+  zero3          stage 3: per-module units partitioned 1/N, gathered before use (prefetch from the recorded
+                 order, ``"auto"`` sizes from d: prefetch 0.9·d², persistence threshold 10·d)
+  zero3-noprefetch  the same with stage3_prefetch_bucket_size 0 (every gather on demand)
+  fsdp2          torch's FSDP2 (``fully_shard`` on every block, then the root) + torch.optim.AdamW, the peer
+                 design for stage 3
+  ds1/ds2/ds3    DeepSpeed ZeRO stage 1 / 2 / 3 with the same model and batch, when ``deepspeed`` imports
 
 Step time: the median over round-robin steps (each mode steps in turn, so noise from other processes
 falls on all of them alike), rank 0's clock, ranks started together by a barrier. Memory, one mode
 alive at a time: the model-state bytes the rank holds (parameters, gradients, fp32 master, optimizer
 states, counted from the tensors) and the peak RSS growth while the mode builds and takes 2 steps
 (sampled every 2 ms), next to the ZeRO paper's mixed-precision formula for the bf16 rows
-(stage 1: 4Φ + 12Φ/N bytes, stage 2: 2Φ + 14Φ/N; DDP: 16Φ). A collective probe measures gloo's
+(stage 1: 4Φ + 12Φ/N bytes, stage 2: 2Φ + 14Φ/N, stage 3: 16Φ/N; DDP: 16Φ). A collective probe measures gloo's
 all_reduce / reduce_scatter / all_gather / reduce / broadcast-per-owner bus bandwidth, the figures the per-backend choice in
 zero_shard.comm rests on.
 
@@ -102,10 +107,28 @@ class Mode:
             self.model.to(dtype)
             self.net = nn.parallel.DistributedDataParallel(self.model, gradient_as_bucket_view=True)
             self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, fused=True)
+        elif name == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+            mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+            for blk in self.model.blocks:
+                fully_shard(blk, mesh=mesh, mp_policy=mp_policy)
+            fully_shard(self.model, mesh=mesh, mp_policy=mp_policy)
+            self.net = self.model
+            self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, foreach=True)
         elif name.startswith("zero"):
             stage = int(name[4])
+            d = args.d_model
+            stage3 = {"stage3_prefetch_bucket_size": 0 if name.endswith("noprefetch") else int(0.9 * d * d)}
+            stage3["stage3_param_persistence_threshold"] = 10 * d
             cfg = ZeroConfig(
-                stage=stage, overlap_comm=True, reduce_bucket_size=args.bucket, allgather_bucket_size=int(5e8)
+                stage=stage,
+                overlap_comm=True,
+                reduce_bucket_size=args.bucket,
+                allgather_bucket_size=int(5e8),
+                **(stage3 if stage == 3 else {}),
             )
             coll = CollectiveChoice("reduce", "all_gather") if name.endswith("-rs") else None
             self.opt = ZeroShardedOptimizer(
@@ -114,6 +137,7 @@ class Mode:
                 cfg,
                 compute_dtype=dtype,
                 collectives=coll,
+                module=self.model if stage == 3 else None,
             )
             self.net = self.model
         else:  # DeepSpeed
@@ -127,7 +151,14 @@ class Mode:
                     "stage": int(name[2]),
                     "overlap_comm": True,
                     "reduce_bucket_size": args.bucket,
-                    "allgather_bucket_size": int(5e8),
+                    **(
+                        {
+                            "stage3_prefetch_bucket_size": int(0.9 * args.d_model**2),
+                            "stage3_param_persistence_threshold": 10 * args.d_model,
+                        }
+                        if name == "ds3"
+                        else {"allgather_bucket_size": int(5e8)}
+                    ),
                 },
                 "bf16": {"enabled": dtype == torch.bfloat16},
             }
@@ -142,6 +173,10 @@ class Mode:
             loss.backward()
             self.opt.step()
             self.opt.zero_grad(set_to_none=False)  # keep the bucket views, as a training loop would
+        elif self.name == "fsdp2":
+            loss.backward()
+            self.opt.step()
+            self.opt.zero_grad()
         elif self.name.startswith("zero"):
             self.opt.backward(loss)
             self.opt.step()
@@ -152,6 +187,13 @@ class Mode:
     def state_bytes(self) -> int:
         if self.name.startswith("zero"):
             return sum(self.opt.state_bytes().values())
+        if self.name == "fsdp2":
+            # The local shards (DTensor.to_local()): sharded parameters, gradients, Adam states.
+            local = [p.to_local() for p in self.model.parameters()]
+            local += [p.grad.to_local() for p in self.model.parameters() if p.grad is not None]
+            for s in self.opt.state.values():
+                local += [t.to_local() for t in s.values() if isinstance(t, torch.Tensor) and t.dim() > 0]
+            return sum(t.numel() * t.element_size() for t in local)
         tensors = {id(p): p for p in self.model.parameters()}
         tensors |= {id(p.grad): p.grad for p in self.model.parameters() if p.grad is not None}
         if self.name == "ddp":
@@ -250,7 +292,7 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, modes
         # Memory: one mode alive at a time.
         for dname, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             for name in modes:
-                if (name == "ddp" and dname == "bf16") or name == "zero2-rs":
+                if (name == "ddp" and dname == "bf16") or name in ("zero2-rs", "zero3-noprefetch"):
                     continue
                 _release_free_memory()
                 base = _rss()
@@ -329,14 +371,15 @@ def _formula(dname: str, name: str, numel: int, n: int) -> float | None:
 
     bf16: the ZeRO paper's mixed-precision figures with Adam (K = 12): DDP 16Φ, P_os 4Φ + 12Φ/N,
     P_os+g 2Φ + 14Φ/N. fp32 (no separate master needed): DDP 16Φ (params, grads, two Adam states);
-    stages 1-2: 4Φ + 12Φ/N (the parameters, and 1/N of the gradients and of Adam's two states).
+    stages 1-2: 4Φ + 12Φ/N (the parameters, and 1/N of the gradients and of Adam's two states); stage 3 and
+    FSDP2: 16Φ/N in both (everything partitioned; the persistent small parameters come on top).
     """
-    stage = {"ddp": 0, "zero1": 1, "zero2": 2, "ds1": 1, "ds2": 2}.get(name)
+    stage = {"ddp": 0, "zero1": 1, "zero2": 2, "ds1": 1, "ds2": 2, "zero3": 3, "fsdp2": 3, "ds3": 3}.get(name)
     if stage is None:
         return None
     if dname == "bf16":
-        return {0: 16.0, 1: 4.0 + 12.0 / n, 2: 2.0 + 14.0 / n}[stage] * numel
-    return {0: 16.0, 1: 4.0 + 12.0 / n, 2: 4.0 + 12.0 / n}[stage] * numel
+        return {0: 16.0, 1: 4.0 + 12.0 / n, 2: 2.0 + 14.0 / n, 3: 16.0 / n}[stage] * numel
+    return {0: 16.0, 1: 4.0 + 12.0 / n, 2: 4.0 + 12.0 / n, 3: 16.0 / n}[stage] * numel
 
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
@@ -372,7 +415,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, modes: list[
         ", ".join(f"{k} {v:.2f}" for k, v in r0["collectives"].items()),
     )
     if "ds1" in modes:
-        for s in (1, 2):
+        for s in (1, 2, 3):
             print(f"zero{s} / DeepSpeed stage {s} step time: {r0['time'][f'zero{s}'] / r0['time'][f'ds{s}']:.2f}")
     return {
         "time_s": r0["time"],
@@ -405,11 +448,11 @@ def main() -> None:
     args.steps = args.steps or (3 if q else 6)
     args.bucket = int(args.bucket if not q else min(args.bucket, 1e5))
     args.probe_numel = 1 << (20 if q else 24)
-    modes = ["ddp", "zero1", "zero2", "zero2-rs"]
+    modes = ["ddp", "zero1", "zero2", "zero2-rs", "zero3", "zero3-noprefetch", "fsdp2"]
     try:
         import deepspeed  # noqa: F401
 
-        modes += ["ds1", "ds2"]
+        modes += ["ds1", "ds2", "ds3"]
     except ImportError:
         print("deepspeed is not importable here: DeepSpeed rows skipped")
     t0 = time.time()

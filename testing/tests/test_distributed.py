@@ -66,14 +66,15 @@ def test_raising_rank_fails_with_its_traceback() -> None:
     assert "ValueError: boom from rank one" in message
 
 
-def test_hanging_rank_times_out_with_stack_and_leaves_no_process(tmp_path) -> None:
+def test_hanging_rank_times_out_with_stack_and_leaves_no_process(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("ZERO_TESTKIT_TIMEOUT_SCALE", "1")  # exactly the written limit, whatever the load
     start = time.monotonic()
     with pytest.raises(DistributedTestError) as info:
         run_distributed(_hang_on_rank_one, 2, str(tmp_path), timeout=8)
     elapsed = time.monotonic() - start
     assert elapsed < 8 + 15, elapsed
     message = str(info.value)
-    assert "timed out after 8s" in message
+    assert "timed out after" in message and "(timeout 8s x load scale 1;" in message
     assert "_hang_on_rank_one" in message  # the hung rank's own stack
     for pid_file in tmp_path.glob("*.pid"):
         pid = int(pid_file.read_text())
@@ -91,3 +92,54 @@ def test_launcher_environment_lets_fn_init_from_env() -> None:
     assert [e["RANK"] for e in envs] == ["0", "1"]
     assert all(e["WORLD_SIZE"] == "2" and e["MASTER_ADDR"] == "127.0.0.1" for e in envs)
     assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"]
+
+
+def test_timeout_scale_from_env_lengthens_the_deadline(tmp_path, monkeypatch) -> None:
+    """A hang still fails, after timeout x scale, with the stack."""
+    monkeypatch.setenv("ZERO_TESTKIT_TIMEOUT_SCALE", "2.5")
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_hang_on_rank_one, 2, str(tmp_path), timeout=2)
+    assert 5 <= time.monotonic() - start < 5 + 15
+    assert "(timeout 2s x load scale 2.5;" in str(info.value) and "_hang_on_rank_one" in str(info.value)
+
+
+def test_timeout_scale_follows_load_per_core(monkeypatch) -> None:
+    from zero_testkit import timeouts
+
+    monkeypatch.delenv("ZERO_TESTKIT_TIMEOUT_SCALE", raising=False)
+    monkeypatch.setattr(timeouts.os, "sched_getaffinity", lambda pid: {0, 1})
+    for load, want in [(0.3, 1.0), (2.0, 1.0), (5.0, 2.5), (40.0, timeouts.MAX_AUTO_SCALE)]:
+        monkeypatch.setattr(timeouts.os, "getloadavg", lambda load=load: (load, load, load))
+        assert timeouts.timeout_scale() == pytest.approx(want)
+    assert timeouts.max_scale() == timeouts.MAX_AUTO_SCALE
+    monkeypatch.setenv("ZERO_TESTKIT_TIMEOUT_SCALE", "1")
+    assert timeouts.timeout_scale() == 1.0 and timeouts.max_scale() == 1.0
+    monkeypatch.setenv("ZERO_TESTKIT_TIMEOUT_SCALE", "fast")
+    with pytest.raises(ValueError, match="ZERO_TESTKIT_TIMEOUT_SCALE='fast': expected a positive number"):
+        timeouts.timeout_scale()
+
+
+def test_pytest_timeout_marks_are_scaled(tmp_path) -> None:
+    """The plugin multiplies pytest-timeout's limits, so the helper's deadline (with stacks) comes first."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_marks.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.timeout(5)\n"
+        "def test_mark(request):\n"
+        "    assert request.node.get_closest_marker('timeout').kwargs['timeout'] == 15\n"
+        "def test_ini(request):\n"
+        "    assert request.config._env_timeout == 21\n"
+    )
+    env = dict(os.environ, ZERO_TESTKIT_TIMEOUT_SCALE="3")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "timeout=7", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -109,3 +109,29 @@ def test_dry_run_module_and_bind(capsys: pytest.CaptureFixture[str]) -> None:
 def test_dry_run_no_python(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(capsys, "--num_gpus", "1", "--no_python", "--dry_run", "./run.sh", "x")
     assert code == 0 and _workers(out)[0][3:] == ["./run.sh", "--local_rank=0", "x"]
+
+
+def test_help_shows_only_real_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    flat = " ".join(out.split())  # argparse wraps lines
+    for empty in ("(default: )", "(default: None)", "(default: False)"):
+        assert empty not in flat
+    assert "address of node 0 (default: first host, or 127.0.0.1) --launcher" in flat
+    assert "(default: /job/hostfile)" in flat and "(default: ssh)" in flat
+
+
+def test_master_port_default(capsys: pytest.CaptureFixture[str], hostfile: Path) -> None:
+    """One node: a free port per run; several nodes (or --no_ssh): DeepSpeed's 29500, which all nodes know."""
+    ports = set()
+    for _ in range(2):
+        code, out, _ = run_cli(capsys, "--num_gpus", "2", "--dry_run", "t.py")
+        assert code == 0
+        ports.add(int(out.split("MASTER_PORT=")[1].split()[0]))
+    assert 29500 not in ports and all(0 < p < 65536 for p in ports)
+    code, out, _ = run_cli(capsys, "-H", str(hostfile), "--dry_run", "t.py")
+    assert code == 0 and "--master_port=29500" in out
+    code, out, _ = run_cli(capsys, "-H", str(hostfile), "--no_ssh", "--node_rank", "1", "--dry_run", "t.py")
+    assert code == 0 and "MASTER_PORT=29500" in out
+    code, _, err = run_cli(capsys, "--master_port", "70000", "--dry_run", "t.py")
+    assert code == 2 and "--master_port 70000" in err

@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 from _dsl_helpers import LAUNCHER, WORKER, alive, free_port, read_reports
 
+from zero_testkit import scaled
+
 pytestmark = pytest.mark.timeout(120)
 
 
 def launch(args: list[str], env: dict[str, str], timeout: float = 90) -> tuple[subprocess.CompletedProcess, float]:
     """Run ds-launch to completion; returns the result and when it ended."""
-    proc = subprocess.run([*LAUNCHER, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([*LAUNCHER, *args], env=env, capture_output=True, text=True, timeout=scaled(timeout))
     return proc, time.time()
 
 
@@ -116,7 +118,7 @@ def test_no_ssh_nodes_stop_each_other(tmp_path: Path, launcher_env: dict[str, st
         args += ["--term_timeout", "2", str(WORKER), str(out), "--fail-rank", "1", "--fail-code", "5"]
         procs.append(subprocess.Popen([*LAUNCHER, *args], env=launcher_env, stderr=subprocess.PIPE, text=True))
     try:
-        errs = [p.communicate(timeout=90)[1] for p in procs]
+        errs = [p.communicate(timeout=scaled(90))[1] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -129,3 +131,27 @@ def test_no_ssh_nodes_stop_each_other(tmp_path: Path, launcher_env: dict[str, st
     assert end - float((out / "fail_time").read_text()) < 2 + 8
     for r in read_reports(out).values():
         assert not alive(r["pid"])
+
+
+def test_two_jobs_on_one_node_without_master_port(tmp_path: Path, launcher_env: dict[str, str]) -> None:
+    """No --master_port on one node: each job takes a free port (a fixed 29500 made the second fail)."""
+    launcher_env["TMPDIR"] = str(tmp_path / "tmp")
+    (tmp_path / "tmp").mkdir()
+    outs = [tmp_path / "job0", tmp_path / "job1"]
+    procs = []
+    for out in outs:
+        out.mkdir()
+        argv = [*LAUNCHER, "--num_gpus", "2", str(WORKER), str(out), "--hold", "4"]
+        procs.append(
+            subprocess.Popen(argv, env=launcher_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
+    results = [p.communicate(timeout=scaled(100)) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err
+    reports = [read_reports(out) for out in outs]
+    for job in reports:
+        assert sorted(job) == [0, 1] and all(r["world_size"] == 2 and r["sum"] == 3.0 for r in job.values())
+    ports = [job[0]["master_port"] for job in reports]
+    assert ports[0] != ports[1]
+    # Both jobs held their port at the same time (each wrote its report before the other finished).
+    assert not list((tmp_path / "tmp").glob("ds-launch-*")), "the per-run log folder was removed"

@@ -4,8 +4,9 @@ namespace, as on a cluster's head node, and reaches both "hosts" over real ssh.
 
 Everything is created with names unique to this run, in the 10.233.0.0/16 test range, inside
 namespaces we own (no traffic leaves them), and removed in the fixture's finalizer even when
-a test fails. Skipped only where network namespaces are not permitted (not root / no
-CAP_NET_ADMIN); missing ssh tools are a failure, not a skip.
+a test fails. Skipped where network namespaces are not permitted (not root / no
+CAP_NET_ADMIN) or the ssh tools are missing (`nox` installs them itself when it can, see
+noxfile.py); with CI set in the environment missing tools are a failure, not a skip.
 """
 
 from __future__ import annotations
@@ -24,7 +25,18 @@ from pathlib import Path
 import pytest
 from _dsl_helpers import WORKER, alive, free_port, read_reports
 
+from zero_testkit import scaled
+
 pytestmark = pytest.mark.timeout(240)
+
+
+def _missing_tool(what: str) -> None:
+    """A tool from .ci/apt-packages.txt is not installed: skip, saying what to install (fail under CI)."""
+    msg = f"{what} (sudo apt-get install $(grep -v '^#' .ci/apt-packages.txt); `nox` does this itself as root)"
+    if os.environ.get("CI"):
+        pytest.fail(msg)
+    pytest.skip(msg)
+
 
 IFNAME = "dslnet"  # the same interface name in both namespaces, so one GLOO_SOCKET_IFNAME fits all
 
@@ -82,10 +94,10 @@ def hosts(tmp_path_factory: pytest.TempPathFactory):
         pytest.skip("network namespaces need root (CAP_NET_ADMIN); not permitted for this user")
     for tool in ("ip", "ssh", "ssh-keygen"):
         if shutil.which(tool) is None:
-            pytest.fail(f"{tool} not found: install iproute2 and openssh-client (see .ci/apt-packages.txt)")
+            _missing_tool(f"{tool} not found: install iproute2 and openssh-client")
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not os.path.exists(sshd):
-        pytest.fail("sshd not found: install openssh-server (see .ci/apt-packages.txt)")
+        _missing_tool("sshd not found: install openssh-server")
     tag = secrets.token_hex(3)
     ns = (f"dsl{tag}a", f"dsl{tag}b")
     subnet = secrets.randbelow(250) + 1
@@ -148,7 +160,7 @@ def _launch(
     argv += ["--hostfile", str(hosts.hostfile()), "--launcher", launcher, "--ssh_identity", str(hosts.key)]
     argv += ["--master_port", str(free_port()), *extra]
     argv += [str(WORKER), str(out), *worker_args]
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, cwd=hosts.tmp)
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=scaled(180), cwd=hosts.tmp)
     return proc, time.time()
 
 
@@ -172,7 +184,7 @@ def test_two_nodes_two_workers_each(hosts: Hosts, tmp_path: Path) -> None:
 def test_one_node_failure_stops_the_other(hosts: Hosts, tmp_path: Path, launcher: str) -> None:
     term_timeout = 3
     if launcher == "pdsh" and shutil.which("pdsh") is None:
-        pytest.fail("pdsh not found: install pdsh (see .ci/apt-packages.txt)")
+        _missing_tool("pdsh not found: install pdsh")
     # "100%": pdsh substitutes %-escapes in the remote command, so this checks our escaping.
     worker_args = ["--fail-rank", "3", "--fail-code", "7", "--spawn-child", "100%", "a b"]
     proc, end = _launch(hosts, tmp_path, ["--term_timeout", str(term_timeout)], worker_args, launcher)
@@ -224,7 +236,9 @@ def test_unreachable_host_stops_the_job(hosts: Hosts, tmp_path: Path) -> None:
     env = dict(os.environ, DS_LAUNCH_SSH_ARGS="-o UserKnownHostsFile=/dev/null")
     argv = ["ip", "netns", "exec", hosts.namespaces[0], sys.executable, "-m", "ds_launch", "--hostfile", str(hostfile)]
     argv += ["--ssh_identity", str(hosts.key), "--master_port", str(free_port()), "--term_timeout", "2"]
-    proc = subprocess.run([*argv, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True, timeout=90)
+    proc = subprocess.run(
+        [*argv, str(WORKER), str(tmp_path)], env=env, capture_output=True, text=True, timeout=scaled(90)
+    )
     assert proc.returncode == 255, proc.stderr
     assert "node process on host no-such-host.invalid exited with status 255" in proc.stderr
     # The agent that was waiting for the rendezvous is gone too (it may still be importing

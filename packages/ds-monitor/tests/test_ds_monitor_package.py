@@ -7,3 +7,14 @@ import ds_monitor
 
 def test_version_is_set() -> None:
     assert ds_monitor.__version__ == "0.1.0"
+
+
+def test_import_prints_no_numpy_warning() -> None:
+    """torch warns "Failed to initialize NumPy" at import when numpy is missing: it is a dependency."""
+    import subprocess
+    import sys
+
+    code = "import torch, ds_monitor; torch.zeros(1).numpy()"
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "NumPy" not in done.stderr, done.stderr

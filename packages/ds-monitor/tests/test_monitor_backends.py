@@ -144,16 +144,19 @@ def test_missing_library_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
     monkeypatch.setitem(sys.modules, "comet_ml", None)
-    with pytest.raises(ImportError, match=r"pip install 'ds-monitor\[wandb\]'"):
+    with pytest.raises(
+        ImportError,
+        match=r"`pip install wandb`, or from a zero-all checkout `uv pip install -c constraints.txt './packages/ds-monitor\[wandb\]'`",
+    ):
         WandbMonitor(WandbConfig(enabled=True))
-    with pytest.raises(ImportError, match=r"pip install 'ds-monitor\[comet\]'"):
+    with pytest.raises(ImportError, match=r"`pip install comet_ml`, .*'./packages/ds-monitor\[comet\]'"):
         CometMonitor(CometConfig(enabled=True))
 
 
 def test_tensorboard_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "tensorboard", None)
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
-    with pytest.raises(ImportError, match=r"pip install 'ds-monitor\[tensorboard\]'"):
+    with pytest.raises(ImportError, match=r"`pip install tensorboard`, .*'./packages/ds-monitor\[tensorboard\]'"):
         MonitorMaster(tensorboard=TensorBoardConfig(enabled=True, output_path=str(tmp_path)), rank=0)
 
 

@@ -40,11 +40,12 @@ def _panels(fig) -> dict[str, tuple[str, str]]:
     return {ax.get_title(): (ax.get_xlabel(), ax.get_ylabel()) for ax in fig.axes if ax.get_visible()}
 
 
+# DeepSpeed's Train/Samples/* metrics are logged against samples seen (here 8 per step).
 EXPECTED = {
-    "Loss": ("step", "loss"),
-    "Learning rate": ("step", "learning rate"),
-    "Throughput": ("step", "samples/s"),
-    "Loss scale": ("step", "loss scale"),
+    "Loss": ("samples", "loss"),
+    "Learning rate": ("samples", "learning rate"),
+    "Throughput": ("samples", "samples/s"),
+    "Loss scale": ("samples", "loss scale"),
 }
 
 
@@ -110,3 +111,22 @@ def test_console_script_entry_point(tmp_path: Path) -> None:
         [sys.executable, "-m", "ds_monitor", "plot", str(tmp_path / "nothing")], capture_output=True, text=True
     )
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_csv_that_is_not_utf8_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = _record(tmp_path, "job", tensorboard=False, csv=True, steps=3)
+    bad = run / "notes.csv"
+    bad.write_bytes("step,value\n1,caf\xe9\n".encode("latin-1"))
+    assert main(["plot", str(run), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert f"'{bad}' is not a UTF-8 text file" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_missing_matplotlib_says_how_to_install_from_the_checkout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = load_runs([_record(tmp_path, "job", tensorboard=False, csv=True, steps=2)])
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if matplotlib were not installed
+    with pytest.raises(ImportError, match=r"`pip install matplotlib`, .*'./packages/ds-monitor\[plot\]'"):
+        plot_runs(runs)

@@ -11,7 +11,9 @@ import pytest
 
 from ds_monitor import MonitorMaster
 
-wandb = pytest.importorskip("wandb", reason="wandb is not installed (pip install 'ds-monitor[wandb]')")
+wandb = pytest.importorskip(
+    "wandb", reason="wandb is not installed (uv pip install -c constraints.txt './packages/ds-monitor[wandb]')"
+)
 
 _BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of [crc32 u32][len u16][type u8] records
 _HEADER = 7  # ":W&B" magic + u16 + version byte

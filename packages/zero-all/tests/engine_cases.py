@@ -251,15 +251,13 @@ def initialize_errors(rank: int, world_size: int) -> dict[str, Any]:
             },
             {},
         ),
-        "stage3": ({"train_batch_size": 4, "optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 3}}, {}),
-        "zero3_auto": (
-            str(HF_CONFIGS / "ds_config_zero3_auto.json"),
+        "stage3_nvme": (
             {
-                "optimizer": torch.optim.SGD,
-                "training_data": torch.utils.data.DataLoader(
-                    torch.utils.data.TensorDataset(torch.randn(8, 12), torch.randn(8, 4)), batch_size=2
-                ),
+                "train_batch_size": 4,
+                "optimizer": {"type": "AdamW"},
+                "zero_optimization": {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp"}},
             },
+            {},
         ),
         "zero3_auto_no_loader": (str(HF_CONFIGS / "ds_config_zero3_auto.json"), {"optimizer": torch.optim.SGD}),
         "no_config": (None, {}),

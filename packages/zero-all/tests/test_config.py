@@ -55,7 +55,7 @@ def test_path_dict_and_string_sources(tmp_path: Path) -> None:
     [
         ('{"train_batch_size": 4, "train_batch_size": 8}', "duplicate key 'train_batch_size'"),
         ('{"zero_optimization": {"stage": 1, "stage": 2}}', "duplicate key 'stage'"),
-        ('{"train_batch_size": 4,}', "not valid JSON at line 1"),
+        ('{"train_batch_size": }', "not valid JSON at line 1"),
         ("[1, 2]", "top level must be a JSON object"),
         ("/no/such/ds_config.json", "no such file"),
         ('{"a": 1 /* open', "unterminated"),

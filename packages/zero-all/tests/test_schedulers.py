@@ -119,3 +119,97 @@ def test_bad_scheduler_params() -> None:
         WarmupLR(_opt(), warmup_num_steps=0)
     with pytest.raises(ValueError, match="warmup_type must be 'log' or 'linear'"):
         WarmupLR(_opt(), warmup_type="cubic")
+
+
+# ---------------------------------------------------------------- DeepSpeed's checks and per-group values
+
+
+def _two_groups(lr0: float = 0.1, lr1: float = 0.01) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        [
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr0},
+            {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr1},
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda o: OneCycle(o, 0.1, 1.0, cycle_first_step_size=0), "cycle_first_step_size must be a positive integer"),
+        (lambda o: OneCycle(o, 0.1, 1.0, cycle_first_step_size=-3), "cycle_first_step_size"),
+        (lambda o: OneCycle(o, 0.1, 1.0, cycle_second_step_size=-1), "cycle_second_step_size must be an integer >= 0"),
+        (lambda o: OneCycle(o, 0.1, 1.0, decay_step_size=-1), "decay_step_size"),
+        (lambda o: LRRangeTest(o, lr_range_test_step_size=0), "lr_range_test_step_size must be a positive integer"),
+        (lambda o: LRRangeTest(o, lr_range_test_step_size=-5), "lr_range_test_step_size"),
+        (lambda o: LRRangeTest(o, lr_range_test_min_lr=[0.1, 0.2, 0.3]), "expected 2 values"),
+        (lambda o: OneCycle(o, [0.1], [1.0, 2.0]), "cycle_min_lr: expected 2 values"),
+        (lambda o: OneCycle(o, 0.1, 1.0, cycle_max_mom=[0.9, 0.9, 0.9]), "cycle_max_mom: expected 2 values"),
+        (lambda o: WarmupLR(o, warmup_max_lr=[1.0]), "warmup_max_lr: expected 2 values"),
+    ],
+)
+def test_bad_step_sizes_and_group_lists_raise_value_error(make, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make(_two_groups())
+
+
+def test_warmup_lr_without_max_takes_each_groups_lr() -> None:
+    """DeepSpeed's default warmup_max_lr=None: group i warms up to its own lr."""
+    opt = _two_groups(0.1, 0.01)
+    sched = WarmupLR(opt, warmup_num_steps=4, warmup_type="linear")
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0]
+    for _ in range(4):  # iterations 0..3: k/4 of the way
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.075, 0.0075])
+    sched.step()  # iteration 4 = warmup_num_steps: each group's own lr, held from here on
+    sched.step()
+    assert sched.get_last_lr() == pytest.approx([0.1, 0.01])
+
+
+def test_one_cycle_per_group_lists_equal_separate_schedules() -> None:
+    opt = _two_groups()
+    sched = OneCycle(
+        opt, [0.1, 0.01], [1.0, 0.5], cycle_first_step_size=3, cycle_min_mom=[0.8, 0.7], cycle_max_mom=[0.9, 0.95]
+    )
+    singles = []
+    for lo, hi, mlo, mhi in ((0.1, 1.0, 0.8, 0.9), (0.01, 0.5, 0.7, 0.95)):
+        o = _opt()
+        singles.append((o, OneCycle(o, lo, hi, cycle_first_step_size=3, cycle_min_mom=mlo, cycle_max_mom=mhi)))
+    for _ in range(7):
+        sched.step()
+        for _o, s in singles:
+            s.step()
+        for group, (o, _) in zip(opt.param_groups, singles, strict=True):
+            assert group["lr"] == pytest.approx(o.param_groups[0]["lr"])
+            assert group["betas"] == pytest.approx(o.param_groups[0]["betas"])
+    assert opt.param_groups[0]["lr"] != pytest.approx(opt.param_groups[1]["lr"])
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+@pytest.mark.parametrize("name", ["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest"])
+def test_tensor_lr_stays_the_same_tensor_as_in_torch(name: str) -> None:
+    """torch's schedulers fill_ a tensor lr in place (fused/capturable optimizers rely on it); ours too."""
+    lr = torch.tensor(0.1)
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    params = {
+        "WarmupLR": {"warmup_num_steps": 4},
+        "WarmupDecayLR": {"total_num_steps": 10, "warmup_num_steps": 4},
+        "WarmupCosineLR": {"total_num_steps": 10, "warmup_num_steps": 4},
+        "OneCycle": {"cycle_min_lr": 0.01, "cycle_max_lr": 0.1, "cycle_first_step_size": 3},
+        "LRRangeTest": {"lr_range_test_step_size": 2},
+    }[name]
+    sched = build_scheduler(name, opt, params)
+    float_opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    float_sched = build_scheduler(name, float_opt, params)
+    for _ in range(5):
+        sched.step()
+        float_sched.step()
+        assert opt.param_groups[0]["lr"] is lr  # the same tensor object, updated in place
+        assert lr.item() == pytest.approx(float_opt.param_groups[0]["lr"], rel=1e-6)
+    last = sched.get_last_lr()[0]
+    assert isinstance(last, torch.Tensor) and last is not lr  # a copy, as torch's get_last_lr returns
+    # torch's own scheduler does the same with a tensor lr
+    t = torch.tensor(0.1)
+    topt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=t)
+    torch.optim.lr_scheduler.StepLR(topt, 1, 0.5).step()
+    assert topt.param_groups[0]["lr"] is t and t.item() == pytest.approx(0.05)

@@ -195,7 +195,7 @@ def test_unused_parameters() -> None:
 @pytest.mark.parametrize(
     ("config", "kwargs", "error", "needle"),
     [
-        ({"stage": 3}, {}, NotImplementedError, "stage=3"),
+        ({"stage": 3}, {}, ValueError, "module="),
         ({"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}, {}, NotImplementedError, "nvme"),
         ({"stage": 1, "zero_quantized_gradients": True}, {}, NotImplementedError, "zero_quantized_gradients"),
         ({"stage": 1}, {"compute_dtype": torch.float64}, ValueError, "compute_dtype"),

@@ -26,10 +26,13 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+
+from zero_testkit.timeouts import ENV, max_scale, timeout_scale
 
 _CTX: mp.context.BaseContext | None = None
 
@@ -66,6 +69,7 @@ def _rank_main(
     init: bool,
     stack_file: str,
     results: Any,
+    pg_timeout: float,
 ) -> None:
     # Own process group, so the parent can kill this rank and anything it starts.
     os.setpgrp()
@@ -82,8 +86,14 @@ def _rank_main(
         )
         try:
             if init:
+                # Longer than the whole test may take: a collective that is slow under load is
+                # never cut short; a hang is caught by the parent's deadline, with stacks.
                 dist.init_process_group(
-                    backend, rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}"
+                    backend,
+                    rank=rank,
+                    world_size=world_size,
+                    init_method=f"tcp://127.0.0.1:{port}",
+                    timeout=timedelta(seconds=pg_timeout),
                 )
             value = fn(rank, world_size, *args, **kwargs)
             results.put((rank, "ok", value))
@@ -124,18 +134,33 @@ def run_distributed(
     group is left for ``fn`` to create (e.g. from the environment).
 
     Raises DistributedTestError with every failed rank's traceback when a rank
-    raises, exits abnormally, or the whole run exceeds ``timeout`` seconds (then
-    with the stack of every rank still running). No child process survives.
+    raises, exits abnormally, or the whole run exceeds ``timeout`` seconds times
+    the load scale (then with the stack of every rank still running). No child
+    process survives.
     """
     ctx = _context()
     results = ctx.SimpleQueue()
     port = free_port()
+    # torch's default (30 min for gloo) or more: never shorter than this run's largest deadline.
+    pg_timeout = max(1800.0, timeout * max_scale() + 60.0)
     with tempfile.TemporaryDirectory(prefix="zero_testkit_") as tmp:
         stack_files = [str(Path(tmp) / f"rank{r}.stack") for r in range(world_size)]
         procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(fn, r, world_size, args, kwargs, port, backend, init_process_group, stack_files[r], results),
+                args=(
+                    fn,
+                    r,
+                    world_size,
+                    args,
+                    kwargs,
+                    port,
+                    backend,
+                    init_process_group,
+                    stack_files[r],
+                    results,
+                    pg_timeout,
+                ),
                 daemon=True,
             )
             for r in range(world_size)
@@ -143,7 +168,7 @@ def run_distributed(
         for p in procs:
             p.start()
         outcome: dict[int, tuple[str, Any]] = {}
-        deadline = time.monotonic() + timeout
+        deadline = _Deadline(timeout)
         try:
             failure = _wait(procs, results, outcome, deadline)
             if failure is None:
@@ -151,9 +176,33 @@ def run_distributed(
             if failure == "timeout":
                 _dump_stacks(procs, outcome)
             _kill_all(procs)
-            raise DistributedTestError(_report(fn, world_size, timeout, failure, procs, outcome, stack_files))
+            raise DistributedTestError(_report(fn, world_size, deadline, failure, procs, outcome, stack_files))
         finally:
             _kill_all(procs)
+
+
+class _Deadline:
+    """``timeout`` seconds times the largest load scale seen since the start."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.start = time.monotonic()
+        self.scale = timeout_scale()
+        self._next_read = self.start + 1.0
+
+    def passed(self) -> bool:
+        now = time.monotonic()
+        if now >= self._next_read:  # the load average changes slowly: once a second is plenty
+            self.scale = max(self.scale, timeout_scale())
+            self._next_read = now + 1.0
+        return now - self.start > self.timeout * self.scale
+
+    def describe(self) -> str:
+        elapsed = time.monotonic() - self.start
+        return (
+            f"timed out after {elapsed:.0f}s (timeout {self.timeout:.0f}s x load scale {self.scale:.2g}; "
+            f"set {ENV} to change the scale)"
+        )
 
 
 def _drain(results: Any, outcome: dict[int, tuple[str, Any]]) -> None:
@@ -162,7 +211,7 @@ def _drain(results: Any, outcome: dict[int, tuple[str, Any]]) -> None:
         outcome[rank] = (status, value)
 
 
-def _wait(procs: list[Any], results: Any, outcome: dict[int, tuple[str, Any]], deadline: float) -> str | None:
+def _wait(procs: list[Any], results: Any, outcome: dict[int, tuple[str, Any]], deadline: _Deadline) -> str | None:
     """Poll until every rank reported, one failed, or time ran out."""
     while True:
         _drain(results, outcome)
@@ -181,7 +230,7 @@ def _wait(procs: list[Any], results: Any, outcome: dict[int, tuple[str, Any]], d
                 _drain(results, outcome)
                 if rank not in outcome:
                     return "exit"
-        if time.monotonic() > deadline:
+        if deadline.passed():
             return "timeout"
         time.sleep(0.02)
 
@@ -197,7 +246,7 @@ def _dump_stacks(procs: list[Any], outcome: dict[int, tuple[str, Any]]) -> None:
 def _report(
     fn: Callable[..., Any],
     world_size: int,
-    timeout: float,
+    deadline: _Deadline,
     failure: str,
     procs: list[Any],
     outcome: dict[int, tuple[str, Any]],
@@ -205,7 +254,7 @@ def _report(
 ) -> str:
     name = getattr(fn, "__qualname__", repr(fn))
     if failure == "timeout":
-        head = f"{name} on {world_size} ranks timed out after {timeout:.0f}s"
+        head = f"{name} on {world_size} ranks {deadline.describe()}"
     else:
         head = f"{name} failed on {world_size} ranks"
     lines = [head]

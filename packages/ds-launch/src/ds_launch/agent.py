@@ -26,6 +26,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -374,7 +375,23 @@ def _watch_stdin() -> None:
 
 
 def run_node(cfg: AgentConfig) -> int:
-    """Run this node's workers to completion; returns the exit status for the launcher."""
+    """Run this node's workers to completion; returns the exit status for the launcher.
+
+    torch's elastic agent redirects each worker's output to files, which we stream to the
+    console. Without ``--enable_each_rank_log`` those files go to a ``ds-launch-*`` folder in
+    the temporary directory, removed when the node's run ends (a SIGKILLed launcher cannot
+    remove it: such a folder is safe to delete).
+    """
+    own_dir = not cfg.log_dir
+    log_dir = cfg.log_dir or tempfile.mkdtemp(prefix="ds-launch-")
+    try:
+        return _run_agent(cfg, log_dir)
+    finally:
+        if own_dir:
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _run_agent(cfg: AgentConfig, log_dir: str) -> int:
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.api import SignalException, _terminate_process_handler
     from torch.distributed.elastic.rendezvous import RendezvousParameters
@@ -415,7 +432,6 @@ def run_node(cfg: AgentConfig) -> int:
         master_addr=cfg.master_addr,
         master_port=cfg.master_port,
     )
-    log_dir = cfg.log_dir or tempfile.mkdtemp(prefix="ds-launch-")
     agent_cls = _make_agent_class()
     agent = agent_cls(
         spec=spec,

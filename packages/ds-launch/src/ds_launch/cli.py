@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import socket
 import sys
 import uuid
 from collections import OrderedDict
@@ -30,12 +31,35 @@ class LaunchError(Exception):
     """A bad argument combination; the message says which argument and what is accepted."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only when there is a default worth showing.
+
+    (An empty or None default printed as "(default: )", a flag as "(default: False)", and a
+    help text that already explains its default must not get a second one.)
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, "", "None", argparse.SUPPRESS) or isinstance(action.default, bool):
+            return text  # nothing to show, or an on/off flag
+        if "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port on ``addr`` that the kernel reports free (as torchrun's standalone mode picks one)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """DeepSpeed's launcher arguments (same names and defaults) plus ours."""
     p = argparse.ArgumentParser(
         prog="ds-launch",
         description="Launch a training script on one node or many (DeepSpeed's launcher arguments).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("-H", "--hostfile", default=DEFAULT_HOSTFILE, help="'hostname slots=N' lines; missing = local run")
     p.add_argument("-i", "--include", default="", help="NAME[:SLOT[,SLOT...]][@NAME...]: only these hosts/slots")
@@ -48,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=-1,
         help="workers per node (slots 0..N-1); on CPU-only hosts the number of worker processes",
     )
-    p.add_argument("--master_port", type=int, default=DEFAULT_MASTER_PORT, help="rendezvous port on node 0")
+    p.add_argument(
+        "--master_port",
+        type=int,
+        default=None,
+        help=f"rendezvous port on node 0 (default: {DEFAULT_MASTER_PORT} with several nodes or --no_ssh; "
+        "a free port on a single node, so two jobs on one machine do not collide)",
+    )
     p.add_argument("--master_addr", default="", help="address of node 0 (default: first host, or 127.0.0.1)")
     p.add_argument("--launcher", default="ssh", help=f"multi-node runner: {', '.join(RUNNERS)}")
     p.add_argument("--launcher_args", default="", help="extra arguments for the runner, as one quoted string")
@@ -116,6 +146,8 @@ def _check(args: argparse.Namespace) -> None:
         raise LaunchError("--no_ssh needs --node_rank N (this node's position in the hostfile)")
     if args.node_rank >= 0 and not args.no_ssh:
         raise LaunchError("--node_rank is only used with --no_ssh")
+    if args.master_port is not None and not 0 < args.master_port < 65536:
+        raise LaunchError(f"--master_port {args.master_port}: expected a TCP port, 1-65535")
     if args.term_timeout <= 0:
         raise LaunchError(f"--term_timeout {args.term_timeout}: expected a positive number of seconds")
     if args.module and args.no_python:
@@ -175,9 +207,15 @@ def _run(args: argparse.Namespace) -> int:
     multi = args.force_multi or len(world) > 1
     if not multi:
         master = args.master_addr or "127.0.0.1"
+        if args.master_port is None:
+            # One node: nothing else has to know the port, so take a free one (torchrun
+            # --standalone does the same); a fixed 29500 made two jobs on one machine collide.
+            args.master_port = free_port("" if args.master_addr else "127.0.0.1")
         cfg = _agent_config(args, world, 0, master)
         cfg.exports = _local_env_file_exports()
         return _run_local(args, cfg)
+    if args.master_port is None:
+        args.master_port = DEFAULT_MASTER_PORT  # several nodes meet on DeepSpeed's default port
     job = JobSpec(
         world=world,
         master_addr=args.master_addr or next(iter(world)),
@@ -230,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``ds-launch`` and ``python -m ds_launch``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.master_port is None and args.no_ssh:
+        # One launcher per node (--no_ssh): every node must arrive at the same port unprompted.
+        args.master_port = DEFAULT_MASTER_PORT
     # Every node's agent must use the same rendezvous id. With --no_ssh each node has its own
     # launcher, so the id is derived from what they share (the port) unless one is given.
     default_id = f"ds-launch-{args.master_port}" if args.no_ssh else uuid.uuid4().hex[:12]

@@ -1,6 +1,6 @@
 """Test worker: a gloo all_reduce, then a JSON report per rank; optionally fail or hang.
 
-usage: worker.py OUTDIR [--fail-rank R] [--fail-code C] [--hang] [--ignore-term] [--spawn-child]
+usage: worker.py OUTDIR [--fail-rank R] [--fail-code C] [--hang] [--ignore-term] [--spawn-child] [--hold S]
 (any other arguments are echoed in the report)
 """
 
@@ -20,6 +20,7 @@ out_dir, *rest = [a for a in sys.argv[1:] if not a.startswith("--local_rank=")]
 fail_rank = int(rest[rest.index("--fail-rank") + 1]) if "--fail-rank" in rest else -1
 fail_code = int(rest[rest.index("--fail-code") + 1]) if "--fail-code" in rest else 3
 hang = "--hang" in rest
+hold = float(rest[rest.index("--hold") + 1]) if "--hold" in rest else 0.0
 if "--ignore-term" in rest:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL stops this rank
 
@@ -40,6 +41,7 @@ report = {
     "addr": addr,
     "netns": os.readlink("/proc/self/ns/net"),
     "pid": os.getpid(),
+    "master_port": int(os.environ["MASTER_PORT"]),
     "argv": sys.argv[1:],
     "test_value": os.environ.get("DSL_TEST_VALUE"),
     "child_pid": subprocess.Popen(["sleep", "600"]).pid if "--spawn-child" in rest else None,
@@ -55,6 +57,7 @@ if rank == fail_rank:
     with open(os.path.join(out_dir, "fail_time"), "w") as f:
         f.write(repr(time.time()))
     sys.exit(fail_code)
+time.sleep(hold)  # keep the job (and its rendezvous port) alive, e.g. while another job starts
 if hang or fail_rank >= 0:
     # Blocked in a collective the failed rank never joins, as a real job would be.
     while True:

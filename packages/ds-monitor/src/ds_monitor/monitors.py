@@ -70,8 +70,19 @@ def _require(module: str, extra: str, what: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         raise ImportError(
-            f"{what} needs the '{module}' package, which is not installed: pip install 'ds-monitor[{extra}]'"
+            f"{what} needs the '{module}' package, which is not installed: {install_hint(module, extra)}"
         ) from exc
+
+
+def install_hint(package: str, extra: str) -> str:
+    """How to install an optional library: by name, or as ds-monitor's extra from a zero-all checkout.
+
+    (ds-monitor is not on an index, so ``pip install 'ds-monitor[extra]'`` would find nothing.)
+    """
+    return (
+        f"`pip install {package}`, or from a zero-all checkout "
+        f"`uv pip install -c constraints.txt './packages/ds-monitor[{extra}]'`"
+    )
 
 
 class Monitor(ABC):
@@ -111,7 +122,7 @@ class TensorBoardMonitor(Monitor):
             except ImportError:
                 raise ImportError(
                     "The TensorBoard monitor needs the 'tensorboard' package, which is not installed: "
-                    "pip install 'ds-monitor[tensorboard]'"
+                    + install_hint("tensorboard", "tensorboard")
                 ) from None
         os.makedirs(self.log_dir, exist_ok=True)
         self.writer = SummaryWriter(log_dir=self.log_dir)

@@ -78,6 +78,16 @@ def load_runs(paths: Sequence[str | os.PathLike]) -> list[Run]:
     return runs
 
 
+def x_label(names: Sequence[str]) -> str:
+    """What the x values of these metrics count.
+
+    DeepSpeed logs its ``Train/Samples/*`` metrics (CSV ``Train_Samples_*``) against the number
+    of samples seen, not the optimizer step; other names are taken to be logged per step.
+    """
+    kinds = {"samples" if "train_samples_" in _base(n) else "step" for n in names}
+    return kinds.pop() if len(kinds) == 1 else "step or samples (see legend)"
+
+
 def _panel_series(run: Run, panel: Panel, taken: set[str]) -> list[Series]:
     return [s for name, s in sorted(run.metrics.items()) if name not in taken and panel.match(_base(name))]
 
@@ -90,7 +100,9 @@ def plot_runs(runs: Sequence[Run], metrics: Sequence[str] = (), title: str | Non
     try:
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ImportError("plotting needs the 'matplotlib' package: pip install 'ds-monitor[plot]'") from exc
+        from ds_monitor.monitors import install_hint
+
+        raise ImportError(f"plotting needs the 'matplotlib' package: {install_hint('matplotlib', 'plot')}") from exc
 
     panels: list[tuple[Panel, list[tuple[Run, Series]]]] = []
     for name in metrics:
@@ -127,7 +139,7 @@ def plot_runs(runs: Sequence[Run], metrics: Sequence[str] = (), title: str | Non
                 label = f"{run.label}: {series.name}"
             ax.plot(series.steps, series.values, label=label, linewidth=1.2, drawstyle=panel.drawstyle)
         ax.set_title(panel.title)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x_label([series.name for _, series in lines]))
         ax.set_ylabel(panel.ylabel)
         if panel.log_y and all(v > 0 for _, s in lines for v in s.values):
             ax.set_yscale("log", base=2)

@@ -86,14 +86,22 @@ def _dedup(name: str, pairs: list[tuple[int, float]]) -> Series:
 
 def _read_csv(path: Path) -> Series | None:
     pairs = []
-    with open(path, newline="", encoding="utf-8") as handle:
-        for row in csv.reader(handle):
-            if len(row) < 2:
-                continue
-            try:
-                pairs.append((int(float(row[0])), float(row[1])))
-            except ValueError:
-                continue  # the header (or a second header DeepSpeed writes on resume)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            for row in csv.reader(handle):
+                if len(row) < 2:
+                    continue
+                try:
+                    pairs.append((int(float(row[0])), float(row[1])))
+                except ValueError:
+                    continue  # the header (or a second header DeepSpeed writes on resume)
+    except UnicodeDecodeError as exc:
+        raise RunDirError(
+            f"'{path}' is not a UTF-8 text file (byte {exc.start}: {exc.reason}): the CSV monitor writes "
+            "UTF-8 'step,value' rows; move other .csv files out of the run directory"
+        ) from None
+    except csv.Error as exc:
+        raise RunDirError(f"'{path}' is not a readable CSV file: {exc}") from None
     return _dedup(path.stem, pairs) if pairs else None
 
 
@@ -101,9 +109,11 @@ def _read_tensorboard(path: Path) -> dict[str, Series]:
     try:
         from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
     except ImportError as exc:
+        from ds_monitor.monitors import install_hint
+
         raise ImportError(
             f"reading the TensorBoard files in '{path}' needs the 'tensorboard' package: "
-            "pip install 'ds-monitor[tensorboard]'"
+            + install_hint("tensorboard", "tensorboard")
         ) from exc
     acc = EventAccumulator(str(path), size_guidance={SCALARS: 0})
     acc.Reload()

@@ -10,9 +10,9 @@ LR schedule, the data loader and activation checkpointing (act-ckpt).
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -30,15 +30,50 @@ from zero_all.optim import OptimizerFactory, optimizer_factory
 from zero_all.pipeline import attach_pipeline, parallel_layout
 from zero_all.schedulers import build_scheduler
 
-__all__ = ["add_config_arguments", "initialize"]
+__all__ = ["add_config_arguments", "config_from_args", "initialize"]
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """DeepSpeed's ``--deepspeed`` / ``--deepspeed_config`` arguments."""
+    """DeepSpeed's ``--deepspeed`` / ``--deepspeed_config`` arguments (and the deprecated ``--deepscale*`` pair)."""
     group = parser.add_argument_group("zero-all", "DeepSpeed-compatible configuration")
     group.add_argument("--deepspeed", default=False, action="store_true", help="enable the engine (accepted)")
     group.add_argument("--deepspeed_config", default=None, type=str, help="ds_config.json path")
+    group.add_argument("--deepscale", default=False, action="store_true", help="deprecated spelling of --deepspeed")
+    group.add_argument("--deepscale_config", default=None, type=str, help="deprecated spelling of --deepspeed_config")
     return parser
+
+
+def config_from_args(args: Any, config: Any, config_params: Any = None) -> Any:
+    """The one config source among ``config=``, ``config_params=`` and ``args.deepspeed_config``, as DeepSpeed picks it.
+
+    ``args.deepscale_config`` (deprecated) is read as ``args.deepspeed_config`` (and moved there, as
+    DeepSpeed does); giving both, or giving ``args.deepspeed_config`` together with ``config=``, is
+    an error: DeepSpeed refuses to guess which one was meant.
+    """
+    if config is None:
+        config = config_params
+    old = getattr(args, "deepscale_config", None)
+    if old is not None:
+        warnings.warn("--deepscale_config is deprecated, use --deepspeed_config", DeprecationWarning, stacklevel=3)
+        if getattr(args, "deepspeed_config", None) is not None:
+            raise ConfigError(
+                "initialize(): both args.deepscale_config and args.deepspeed_config are set; keep --deepspeed_config"
+            )
+        args.deepspeed_config = old
+        args.deepscale_config = None
+    from_args = getattr(args, "deepspeed_config", None)
+    if from_args is not None:
+        if config is not None:
+            raise ConfigError(
+                f"initialize(): a config was given both as args.deepspeed_config ({from_args!r}) and as config=/"
+                "config_params=; pass only one (DeepSpeed refuses this too)"
+            )
+        config = from_args
+    if config is None:
+        raise ConfigError(
+            "initialize() needs config= (a ds_config path, dict or JSON/hjson string) or args.deepspeed_config"
+        )
+    return config
 
 
 def _compute_dtype(cfg: ZeroAllConfig) -> torch.dtype:
@@ -107,15 +142,31 @@ def _named_groups(model: torch.nn.Module, params: Iterable[Any] | None) -> list[
 
 def _client_factory(optimizer: Any) -> OptimizerFactory:
     if isinstance(optimizer, torch.optim.Optimizer):
-        cls = type(optimizer)
-        accepted = set(inspect.signature(cls.__init__).parameters)
-        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
-        return lambda groups: cls(groups, **defaults)
+        return _adopt(optimizer)
     if callable(optimizer):
         return optimizer
     raise TypeError(
         f"optimizer must be a torch.optim.Optimizer or a callable(params) -> Optimizer, got {type(optimizer).__name__}"
     )
+
+
+def _adopt(optimizer: torch.optim.Optimizer) -> OptimizerFactory:
+    """A factory that re-points the client's own optimizer object at zero-shard's fp32 partitions.
+
+    DeepSpeed does the same: the client's optimizer becomes the "basic optimizer" whose param groups
+    hold the flat partitions, so a scheduler built over it before initialize() keeps scheduling the
+    optimizer that trains, and the object keeps its class, hyperparameters and hooks. Any state it
+    held is dropped (it was keyed by the model's parameters, which it no longer holds).
+    """
+
+    def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        optimizer.param_groups = []
+        optimizer.state = defaultdict(dict)
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+    return make
 
 
 def _client_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -174,13 +225,8 @@ def initialize(
     """
     if model is None:
         raise ValueError("initialize() needs model=")
-    if config is None:
-        config = config_params
-    if config is None and args is not None:
-        config = getattr(args, "deepspeed_config", None)
-    if config is None:
-        raise ConfigError("initialize() needs config= (a ds_config path, dict or JSON string)")
-    init_distributed(dist_init_required)
+    config = config_from_args(args, config, config_params)
+    init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
     cfg = load_config(config)
     # Pipeline / model parallelism: ZeRO and the batch arithmetic use the data-parallel axis only.
     layout = parallel_layout(model, mpu, cfg)
@@ -229,6 +275,11 @@ def initialize(
     from amp_scaler import create_loss_scaler
     from zero_shard import ZeroShardedOptimizer
 
+    if int(cfg.zero_optimization.stage) != 3:
+        from zero_shard.init import materialize_partitioned
+
+        # A model built under zero.Init used at stages 0-2: make its parameters whole (one at a time).
+        materialize_partitioned(model.parameters())
     scaler = create_loss_scaler(cfg.fp16 if cfg.fp16.enabled is True else None)
     zero_opt = ZeroShardedOptimizer(
         groups,
@@ -240,8 +291,13 @@ def initialize(
         gradient_predivide_factor=float(cfg.gradient_predivide_factor),
         grad_accum_dtype=_grad_accum_dtype(cfg, dtype),
         process_group=layout.data_parallel_group,
+        module=model if int(cfg.zero_optimization.stage) == 3 else None,
     )
 
+    if cfg.gradient_allreduce_op == "sum":
+        # DeepSpeed's "sum": data-parallel gradients are summed, not averaged. zero-shard's reducer
+        # multiplies the reduced sum by `post` (= predivide / N for the mean); dropping the 1/N gives the sum.
+        zero_opt.reducer.post *= zero_opt.world_size
     _cast_unmanaged(model, dtype, {id(p) for g in groups for _, p in g["params"]})
     scheduler = _build_lr_scheduler(lr_scheduler, optimizer, zero_opt, cfg)
     dataloader = _build_dataloader(
@@ -268,7 +324,16 @@ def initialize(
     )
     if layout.pipeline:
         engine.pipeline = attach_pipeline(engine, model, zero_opt, batch.gradient_accumulation_steps)
-    return engine, zero_opt, dataloader, scheduler
+    return engine, _returned_optimizer(zero_opt, cfg), dataloader, scheduler
+
+
+def _returned_optimizer(zero_opt: Any, cfg: ZeroAllConfig) -> torch.optim.Optimizer:
+    """What initialize() hands back: DeepSpeed returns the basic optimizer itself at stage 0 without
+    fp16/bf16 (the client's own object when one was passed), else the ZeRO wrapper. Both are
+    ``torch.optim.Optimizer`` instances sharing one set of param groups."""
+    if int(cfg.zero_optimization.stage) == 0 and zero_opt.compute_dtype == torch.float32:
+        return zero_opt.inner
+    return zero_opt
 
 
 def _build_lr_scheduler(client: Any, client_optimizer: Any, zero_opt: Any, cfg: ZeroAllConfig) -> Any:
@@ -277,12 +342,14 @@ def _build_lr_scheduler(client: Any, client_optimizer: Any, zero_opt: Any, cfg: 
             return None
         return build_scheduler(cfg.scheduler.type, zero_opt, dict(cfg.scheduler.params))
     if hasattr(client, "step") and hasattr(client, "optimizer"):
-        # A scheduler built over the client optimizer: point it at the optimizer that trains.
-        if client.optimizer is client_optimizer:
+        # A scheduler built over the client optimizer: that object is now zero-shard's inner optimizer
+        # (see _adopt); one built over an optimizer that the config's "optimizer" replaced is re-pointed.
+        if client.optimizer is client_optimizer and client_optimizer is not zero_opt.inner:
             client.optimizer = zero_opt
         return client
     if callable(client):
-        return client(zero_opt)
+        # DeepSpeed calls it with the basic optimizer (zero-shard's inner one; same param groups).
+        return client(zero_opt.inner)
     raise TypeError(
         f"lr_scheduler must be a scheduler or a callable(optimizer) -> scheduler, got {type(client).__name__}"
     )

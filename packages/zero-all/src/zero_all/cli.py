@@ -1,4 +1,8 @@
-"""The ``zero-all`` command: ``consolidate`` (DeepSpeed's zero_to_fp32 equivalent) and ``env`` (ds_report).
+"""The ``zero-all`` command: ``consolidate`` (DeepSpeed's zero_to_fp32 equivalent), ``env`` (ds_report) and
+``estimate`` (DeepSpeed's ZeRO-2/3 memory estimators, see zero_all.estimators).
+
+``zero-all estimate --params 1.3B --gpus-per-node 8 [--nodes 2] [--stage 3 --largest-layer-params 50M]``
+prints DeepSpeed's tables of per-CPU / per-GPU memory for each offload option.
 
 ``zero-all consolidate CKPT_DIR OUT``:
 
@@ -63,6 +67,10 @@ def consolidate_checkpoint(
             result[key] = value  # a buffer (kept in its saved dtype)
     for name, value in params.items():
         result.setdefault(name, value.to(out_dtype))
+    # A stage-3 model file holds no parameters, so tied aliases (an LM head tied to the embedding) come from here.
+    for key, source in tied.items():
+        if key not in result and source in result:
+            result[key] = result[source]
     return result
 
 
@@ -124,12 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--tag", default=None, help="checkpoint tag (default: the one in 'latest')")
     c.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="fp32", help="parameter dtype (default fp32)")
     sub.add_parser("env", help="report torch, devices, the zero-all packages and the native build (ds_report)")
+    e = sub.add_parser("estimate", help="DeepSpeed's ZeRO-2/3 memory estimates for params, grads and optimizer states")
+    e.add_argument("--params", required=True, type=_count, help="total parameters, e.g. 1300000000, 1.3B, 350M")
+    e.add_argument(
+        "--largest-layer-params", type=_count, default=None, help="parameters of the largest layer (stage 3)"
+    )
+    e.add_argument("--gpus-per-node", type=int, default=1, help="GPUs per node (default 1)")
+    e.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    e.add_argument("--stage", type=int, choices=(2, 3), default=None, help="only this stage (default: both)")
+    e.add_argument("--buffer-factor", type=float, default=1.5, help="additional_buffer_factor (default 1.5)")
     args = parser.parse_args(argv)
     if args.command == "env":
         import json
 
         print(json.dumps(env_report(), indent=2))
         return 0
+    if args.command == "estimate":
+        return _estimate(args, parser)
     try:
         state = consolidate_checkpoint(args.ckpt_dir, args.tag, args.dtype)
     except CheckpointError as e:
@@ -140,6 +159,45 @@ def main(argv: list[str] | None = None) -> int:
     write_tensors(out, state, metadata={"format": "pt"})
     n = sum(t.numel() for t in state.values())
     print(f"wrote {out}: {len(state)} tensors, {n:,} elements ({args.dtype} parameters)")
+    return 0
+
+
+_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
+
+
+def _count(text: str) -> int:
+    """A parameter count: an integer, or a number with K/M/B/T (``1.3B`` = 1,300,000,000)."""
+    t = text.strip().upper().replace("_", "").replace(",", "")
+    scale = _SUFFIXES.get(t[-1:], 1)
+    number = t[:-1] if t[-1:] in _SUFFIXES else t
+    try:
+        value = float(number) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a parameter count: {text!r} (e.g. 1300000000, 1.3B, 350M)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a parameter count must be >= 0, got {text!r}")
+    return int(value)
+
+
+def _estimate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from zero_all import estimators
+
+    if args.gpus_per_node < 1 or args.nodes < 1:
+        parser.error("--gpus-per-node and --nodes must be >= 1")
+    if args.stage in (None, 2):
+        estimators.estimate_zero2_model_states_mem_needs_all_cold(
+            args.params, args.gpus_per_node, args.nodes, args.buffer_factor
+        )
+    if args.stage in (None, 3):
+        if args.largest_layer_params is None:
+            if args.stage == 3:
+                parser.error("--stage 3 needs --largest-layer-params")
+            return 0
+        if args.stage is None:
+            print()
+        estimators.estimate_zero3_model_states_mem_needs_all_cold(
+            args.params, args.largest_layer_params, args.gpus_per_node, args.nodes, args.buffer_factor
+        )
     return 0
 
 

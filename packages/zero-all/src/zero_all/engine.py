@@ -268,6 +268,34 @@ class Engine(torch.nn.Module):
             load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
         )
 
+    def empty_partition_cache(self) -> None:
+        """Stage 3: free every gathered (non-persistent) parameter now, e.g. before evaluation. No-op below stage 3."""
+        release = getattr(self.optimizer, "empty_partition_cache", None)
+        if release is not None:
+            release()
+
+    def consolidated_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+        """The whole model's state_dict on rank 0 (None on the other ranks); every rank must call it.
+
+        Stage 3 gathers one unit at a time, so no rank ever holds more than the result plus one module.
+        Parameters come in the training (16-bit) dtype unless ``dtype`` is given; tied weights appear under
+        each of their names.
+        """
+        from zero_all.checkpoint.model_export import consolidated_state_dict
+
+        return consolidated_state_dict(self, dtype)
+
+    def save_16bit_model(self, save_dir: str | os.PathLike[str], save_filename: str = "model.safetensors") -> bool:
+        """Write the whole model in its training dtype to ``save_dir/save_filename`` (safetensors), rank 0.
+
+        At stage 3 this needs ``zero_optimization.stage3_gather_16bit_weights_on_model_save: true`` (as in
+        DeepSpeed, which otherwise saves nothing and returns False). Every rank must call it. A name ending in
+        ``.bin`` or ``.pt`` is written as safetensors under the name given (zero-all never pickles).
+        """
+        from zero_all.checkpoint.model_export import save_16bit_model
+
+        return save_16bit_model(self, save_dir, save_filename)
+
     def destroy(self) -> None:
         """Close monitors."""
         self.monitor.close()

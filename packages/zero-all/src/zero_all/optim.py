@@ -13,6 +13,7 @@ factory on the fp32 partitions it owns (ZeroShardedOptimizer's ``optimizer_facto
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +84,29 @@ def check_optimizer(type_name: str, params: dict[str, Any]) -> None:
                 f"ds_config.optimizer.params.{key}: not a parameter of {type_name}{suggest(key, allowed)}; "
                 f"accepted: {', '.join(sorted(allowed))}"
             )
+    _check_hyperparameters(params)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _check_hyperparameters(params: dict[str, Any]) -> None:
+    """The ranges torch's optimizers check at construction, reported with the key path ("auto" skipped)."""
+    for key in ("lr", "eps", "weight_decay"):
+        v = params.get(key, "auto")
+        if v == "auto":
+            continue
+        if not _is_number(v) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"ds_config.optimizer.params.{key}: must be a finite number >= 0, got {v!r}")
+    betas = params.get("betas", "auto")
+    if betas != "auto":
+        ok = isinstance(betas, list | tuple) and len(betas) == 2
+        ok = ok and all(b == "auto" or (_is_number(b) and 0.0 <= b < 1.0) for b in betas)
+        if not ok:
+            raise ConfigError(
+                f"ds_config.optimizer.params.betas: must be two numbers in [0, 1) ([beta1, beta2]), got {betas!r}"
+            )
 
 
 def _cpu_adam() -> type[torch.optim.Optimizer] | None:
@@ -104,9 +128,21 @@ def optimizer_factory(type_name: str, params: dict[str, Any], device: torch.devi
         )
     params = {k: v for k, v in params.items() if k not in _ADAM_IGNORED}
     if low in _ADAM_NAMES:
-        return _adam_factory(params, device)
+        return _keyed_errors(type_name, _adam_factory(params, device))
     cls = getattr(torch.optim, _TORCH_LOWER.get(low, type_name))
-    return lambda groups: cls(groups, **params)
+    return _keyed_errors(type_name, lambda groups: cls(groups, **params))
+
+
+def _keyed_errors(type_name: str, factory: OptimizerFactory) -> OptimizerFactory:
+    """Re-raise the optimizer constructor's own checks (torch's "Invalid momentum value"...) with the key path."""
+
+    def make(groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        try:
+            return factory(groups)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"ds_config.optimizer.params: {type_name} refused its parameters: {e}") from e
+
+    return make
 
 
 def _adam_factory(params: dict[str, Any], device: torch.device) -> OptimizerFactory:

@@ -58,6 +58,11 @@ def parallel_layout(model: Any, mpu: Any, cfg: Any) -> ParallelLayout:
     mp = mpu.get_model_parallel_world_size() if callable(getattr(mpu, "get_model_parallel_world_size", None)) else 1
     layout = ParallelLayout(mpu.get_data_parallel_group(), int(mpu.get_data_parallel_world_size()), int(mp), pipeline)
     stage = int(cfg.zero_optimization.stage)
+    if stage == 3 and not pipeline:
+        raise ConfigError(
+            "ds_config.zero_optimization.stage: 3 with mpu= is not supported yet (stage 3 partitions over the "
+            "whole world); use stage 0-2 with model parallelism"
+        )
     if pipeline and stage >= 2:
         raise ConfigError(
             f"ds_config.zero_optimization.stage: {stage} with a PipelineModule is not supported; pipeline "

@@ -1,7 +1,8 @@
 """DeepSpeed's learning-rate schedules, with DeepSpeed's formulas and parameter names.
 
 WarmupLR, WarmupDecayLR, WarmupCosineLR, OneCycle and LRRangeTest (from
-deepspeed/runtime/lr_schedules.py). Each works on anything with ``param_groups`` (a torch
+deepspeed/runtime/lr_schedules.py); as in DeepSpeed a ds_config may also name a
+``torch.optim.lr_scheduler`` class (``"StepLR"``, ``"CosineAnnealingLR"``...), see ``build_scheduler``. Each works on anything with ``param_groups`` (a torch
 optimizer or zero-shard's ZeroShardedOptimizer), sets ``group["lr"]`` on ``step()``, and has a
 JSON-able ``state_dict()`` so checkpoints stay pickle-free.
 
@@ -15,6 +16,8 @@ import inspect
 import math
 from typing import Any
 
+import torch
+
 __all__ = [
     "SCHEDULERS",
     "LRRangeTest",
@@ -23,17 +26,33 @@ __all__ = [
     "WarmupDecayLR",
     "WarmupLR",
     "build_scheduler",
+    "scheduler_class",
     "scheduler_param_names",
+    "torch_scheduler_names",
 ]
 
 WARMUP_LOG_RATE = "log"
 WARMUP_LINEAR_RATE = "linear"
 
 
-def _update_lr(param_groups: list[dict[str, Any]], lrs: list[float]) -> list[float]:
+def _update_lr(param_groups: list[dict[str, Any]], lrs: list[Any]) -> list[Any]:
+    """Set each group's lr; a tensor lr is updated in place (``fill_``), as torch's and DeepSpeed's schedulers do.
+
+    (A tensor lr is how torch's fused/capturable optimizers avoid recompiling when the lr changes; replacing
+    it with a float would undo that.) Returns the new lrs, tensors cloned so they do not alias the groups.
+    """
     for group, lr in zip(param_groups, lrs, strict=False):
-        group["lr"] = lr
-    return [group["lr"] for group in param_groups]
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr.squeeze() if isinstance(lr, torch.Tensor) else lr)
+        else:
+            group["lr"] = lr
+    return [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in param_groups]
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"scheduler.params.{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def _per_group(optimizer: Any, value: Any, name: str) -> list[Any]:
@@ -85,13 +104,16 @@ class _Schedule:
 
 
 class WarmupLR(_Schedule):
-    """Raise the lr from ``warmup_min_lr`` to ``warmup_max_lr`` over ``warmup_num_steps`` (log or linear), then hold."""
+    """Raise the lr from ``warmup_min_lr`` to ``warmup_max_lr`` over ``warmup_num_steps`` (log or linear), then hold.
+
+    ``warmup_max_lr`` unset (None, DeepSpeed's default): each param group's own lr at construction.
+    """
 
     def __init__(
         self,
         optimizer: Any,
         warmup_min_lr: float | list[float] = 0.0,
-        warmup_max_lr: float | list[float] | None = 0.001,
+        warmup_max_lr: float | list[float] | None = None,
         warmup_num_steps: int = 1000,
         warmup_type: str = WARMUP_LOG_RATE,
         last_batch_iteration: int = -1,
@@ -99,7 +121,8 @@ class WarmupLR(_Schedule):
         _check_warmup(warmup_num_steps, warmup_type)
         self.optimizer = optimizer
         if warmup_max_lr is None:
-            warmup_max_lr = optimizer.param_groups[0]["lr"]
+            # DeepSpeed: each group warms up to its own lr (read once, at construction).
+            warmup_max_lr = [float(g["lr"]) for g in optimizer.param_groups]
         self.min_lrs = _per_group(optimizer, warmup_min_lr, "warmup_min_lr")
         self.max_lrs = _per_group(optimizer, warmup_max_lr, "warmup_max_lr")
         self.delta_lrs = [big - small for big, small in zip(self.max_lrs, self.min_lrs, strict=True)]
@@ -176,7 +199,7 @@ class WarmupCosineLR(_Schedule):
         self.warmup_num_steps = max(2, warmup_num_steps)
         self.inverse_log_warm_up = 1.0 / math.log(self.warmup_num_steps)
         # The base lr is the optimizer's lr at construction (DeepSpeed's org_lrs).
-        self.org_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.org_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self._last_lr = _update_lr(optimizer.param_groups, self.get_lr())
 
     def get_lr_ratio(self) -> float:
@@ -227,7 +250,7 @@ class LRRangeTest(_Schedule):
     ) -> None:
         self.optimizer = optimizer
         self.min_lr = _per_group(optimizer, lr_range_test_min_lr, "lr_range_test_min_lr")
-        self.step_size = lr_range_test_step_size
+        self.step_size = _positive_int(lr_range_test_step_size, "lr_range_test_step_size")
         self.step_rate = lr_range_test_step_rate
         self.staircase = lr_range_test_staircase
         self.last_batch_iteration = last_batch_iteration
@@ -249,8 +272,8 @@ class OneCycle(_Schedule):
     def __init__(
         self,
         optimizer: Any,
-        cycle_min_lr: float,
-        cycle_max_lr: float,
+        cycle_min_lr: float | list[float],
+        cycle_max_lr: float | list[float],
         decay_lr_rate: float = 0.0,
         cycle_first_step_size: int = 2000,
         cycle_second_step_size: int | None = None,
@@ -258,13 +281,24 @@ class OneCycle(_Schedule):
         cycle_second_stair_count: int | None = None,
         decay_step_size: int = 0,
         cycle_momentum: bool = True,
-        cycle_min_mom: float = 0.8,
-        cycle_max_mom: float = 0.9,
+        cycle_min_mom: float | list[float] = 0.8,
+        cycle_max_mom: float | list[float] = 0.9,
         decay_mom_rate: float = 0.0,
         last_batch_iteration: int = -1,
     ) -> None:
         self.optimizer = optimizer
-        first = float(cycle_first_step_size)
+        # DeepSpeed's checks: a zero first half would divide by zero (step_ratio); the second may be 0.
+        first = float(_positive_int(cycle_first_step_size, "cycle_first_step_size"))
+        if cycle_second_step_size is not None and (
+            isinstance(cycle_second_step_size, bool)
+            or not isinstance(cycle_second_step_size, int)
+            or cycle_second_step_size < 0
+        ):
+            raise ValueError(
+                f"scheduler.params.cycle_second_step_size must be an integer >= 0, got {cycle_second_step_size!r}"
+            )
+        if not isinstance(decay_step_size, int | float) or isinstance(decay_step_size, bool) or decay_step_size < 0:
+            raise ValueError(f"scheduler.params.decay_step_size must be >= 0, got {decay_step_size!r}")
         second = float(cycle_second_step_size) if cycle_second_step_size is not None else first
         self.total_size = first + second
         self.step_ratio = first / self.total_size
@@ -275,9 +309,8 @@ class OneCycle(_Schedule):
         )
         self.decay_step_size = decay_step_size
         skip_decay = math.isclose(decay_step_size, 0)
-        n = len(optimizer.param_groups)
-        self.min_lrs = [cycle_min_lr] * n
-        self.max_lrs = [cycle_max_lr] * n
+        self.min_lrs = _per_group(optimizer, cycle_min_lr, "cycle_min_lr")
+        self.max_lrs = _per_group(optimizer, cycle_max_lr, "cycle_max_lr")
         self.decay_lr_rate = decay_lr_rate
         self.skip_lr_decay = skip_decay or math.isclose(decay_lr_rate, 0)
         if last_batch_iteration == -1:
@@ -286,14 +319,16 @@ class OneCycle(_Schedule):
         self.cycle_momentum = cycle_momentum and all("betas" in g for g in optimizer.param_groups)
         if self.cycle_momentum:
             self.decay_mom_rate = decay_mom_rate
-            self.min_moms = [(cycle_min_mom, 0.99)] * n
-            self.max_moms = [(cycle_max_mom, 0.99)] * n
+            self.min_moms = [(m, 0.99) for m in _per_group(optimizer, cycle_min_mom, "cycle_min_mom")]
+            self.max_moms = [(m, 0.99) for m in _per_group(optimizer, cycle_max_mom, "cycle_max_mom")]
             self.skip_mom_decay = skip_decay or math.isclose(decay_mom_rate, 0)
             if last_batch_iteration == -1:
                 for mom, group in zip(self.min_moms, optimizer.param_groups, strict=True):
                     group["betas"] = mom
         self.last_batch_iteration = last_batch_iteration
-        self._last_lr = [g["lr"] for g in optimizer.param_groups]
+        self._last_lr = [
+            g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in optimizer.param_groups
+        ]
 
     def _get_scale_factor(self) -> float:
         batch_iteration = self.last_batch_iteration + 1
@@ -359,16 +394,55 @@ SCHEDULERS: dict[str, type[_Schedule]] = {
 }
 
 
+# torch schedulers a ds_config can name (DeepSpeed falls back to torch.optim.lr_scheduler by name). Left
+# out: those that need Python objects (LambdaLR/MultiplicativeLR: functions, SequentialLR/ChainedScheduler:
+# other schedulers) and ReduceLROnPlateau, whose step() needs the metric the engine does not have.
+_TORCH_EXCLUDED = {
+    "LambdaLR",
+    "MultiplicativeLR",
+    "SequentialLR",
+    "ChainedScheduler",
+    "ReduceLROnPlateau",
+    "LRScheduler",
+}
+
+
+def torch_scheduler_names() -> list[str]:
+    """The ``torch.optim.lr_scheduler`` classes ``"scheduler": {"type": ...}`` may name."""
+    from torch.optim import lr_scheduler as tls
+
+    return sorted(
+        n
+        for n, c in vars(tls).items()
+        if isinstance(c, type) and issubclass(c, tls.LRScheduler) and n not in _TORCH_EXCLUDED and not n.startswith("_")
+    )
+
+
+def scheduler_class(name: str) -> type:
+    """DeepSpeed's schedule ``name``, else the torch.optim.lr_scheduler class of that name (KeyError if neither)."""
+    if name in SCHEDULERS:
+        return SCHEDULERS[name]
+    if name in torch_scheduler_names():
+        from torch.optim import lr_scheduler as tls
+
+        return getattr(tls, name)
+    raise KeyError(name)
+
+
 def scheduler_param_names(name: str) -> dict[str, bool]:
     """``{param: required}`` for a scheduler type (what ``scheduler.params`` may hold)."""
-    sig = inspect.signature(SCHEDULERS[name].__init__)
+    sig = inspect.signature(scheduler_class(name).__init__)
     return {
         p: spec.default is inspect.Parameter.empty
         for p, spec in sig.parameters.items()
-        if p not in ("self", "optimizer", "last_batch_iteration")
+        if p not in ("self", "optimizer", "last_batch_iteration", "last_epoch", "verbose")
+        and spec.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     }
 
 
-def build_scheduler(name: str, optimizer: Any, params: dict[str, Any]) -> _Schedule:
-    """Construct scheduler ``name`` over ``optimizer`` with ds_config ``params`` (already validated)."""
-    return SCHEDULERS[name](optimizer, **params)
+def build_scheduler(name: str, optimizer: Any, params: dict[str, Any]) -> Any:
+    """Construct scheduler ``name`` over ``optimizer`` with ds_config ``params`` (already validated).
+
+    A torch scheduler needs a ``torch.optim.Optimizer``: zero-shard's optimizer is one.
+    """
+    return scheduler_class(name)(optimizer, **params)

@@ -63,16 +63,23 @@ def sharded_state(opt: ZeroShardedOptimizer) -> Shard:
     """This rank's tensors and metadata (see the module docstring)."""
     tensors: dict[str, torch.Tensor] = {}
     params: dict[str, dict[str, Any]] = {}
-    groups: list[dict[str, Any]] = []
-    for g, lay in enumerate(opt.layouts):
+    n_groups = len(opt.inner.param_groups)
+    scalars_of: list[dict[str, Any]] = [{} for _ in range(n_groups)]
+    keys_of: list[set[str]] = [set() for _ in range(n_groups)]
+    # One layout per param group at stages 0-2; at stage 3 one per unit, several per group.
+    for li, lay in enumerate(opt.layouts):
+        g = opt.layout_group[li]
         lo, hi = lay.partition(opt.rank)
-        master = opt.masters[g].detach()
-        state = opt.inner.state.get(opt.masters[g], {})
+        master = opt.masters[li].detach()
+        state = opt.inner.state.get(opt.masters[li], {})
         # Stage 0 holds the whole group: save only the range this rank would own at stage 1.
         part = {"master": master[lo:hi] if opt.stage == 0 else master}
         for k, v in state.items():
             if _is_elementwise(v):
                 part[k] = v[lo:hi] if opt.stage == 0 else v
+            elif k not in scalars_of[g]:
+                scalars_of[g][k] = _encode_scalar(v)
+        keys_of[g].update(k for k in part if k != "master")
         for slot in lay.slots:
             params[slot.name] = {"group": g, "shape": list(slot.shape), "start": 0, "end": 0}
         for i, a, b in lay.fragments(opt.rank):
@@ -82,9 +89,10 @@ def sharded_state(opt: ZeroShardedOptimizer) -> Shard:
             for k, t in part.items():
                 # Own storage, contiguous: safetensors refuses views that share memory.
                 tensors[f"{slot.name}/{k}"] = t[off : off + b - a].detach().clone()
+    groups = []
+    for g in range(n_groups):
         hyper = {k: _jsonable(v) for k, v in opt.inner.param_groups[g].items() if k != "params"}
-        scalars = {k: _encode_scalar(v) for k, v in state.items() if not _is_elementwise(v)}
-        groups.append({"hyper": hyper, "scalars": scalars, "state_keys": sorted(k for k in part if k != "master")})
+        groups.append({"hyper": hyper, "scalars": scalars_of[g], "state_keys": sorted(keys_of[g])})
     meta = {
         "format": FORMAT,
         "stage": opt.stage,
@@ -152,7 +160,7 @@ def load_sharded_state(opt: ZeroShardedOptimizer, shards: list[Shard]) -> None:
     shards = _check_shards(shards)
     meta0 = shards[0][1]
     saved = meta0["params"]
-    current = {s.name: (g, s) for g, lay in enumerate(opt.layouts) for s in lay.slots}
+    current = {s.name: (opt.layout_group[li], s) for li, lay in enumerate(opt.layouts) for s in lay.slots}
     missing, unexpected = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
@@ -162,18 +170,26 @@ def load_sharded_state(opt: ZeroShardedOptimizer, shards: list[Shard]) -> None:
                 f"{name}: saved as group {saved[name]['group']} shape {tuple(saved[name]['shape'])}, "
                 f"model has group {g} shape {slot.shape}"
             )
-    if len(meta0["groups"]) != len(opt.layouts):
-        raise ValueError(f"checkpoint has {len(meta0['groups'])} param groups, the optimizer {len(opt.layouts)}")
+    n_groups = len(opt.inner.param_groups)
+    if len(meta0["groups"]) != n_groups:
+        raise ValueError(f"checkpoint has {len(meta0['groups'])} param groups, the optimizer {n_groups}")
     index = _index(shards)
-    load_master = opt.config.load_from_fp32_weights
-    for g, lay in enumerate(opt.layouts):
-        master = opt.masters[g]
+    # Stage 3 keeps no full 16-bit model to restart the master from: it always loads the fp32 master.
+    load_master = opt.config.load_from_fp32_weights or opt.stage == 3
+    dtype_cache: dict[int, dict[str, torch.dtype]] = {}
+    for li, lay in enumerate(opt.layouts):
+        g = opt.layout_group[li]
+        master = opt.masters[li]
         # The flat range this rank keeps: everything at stage 0, its partition otherwise.
         lo, hi = (0, lay.padded_numel) if opt.stage == 0 else lay.partition(opt.rank)
         group_meta = meta0["groups"][g]
         keys = group_meta["state_keys"]
-        probe = _any_name(shards, lay)
-        dtypes = {k: shards[0][0][f"{probe}/{k}"].dtype for k in keys} if probe is not None else {}
+        if g not in dtype_cache:
+            probe = _any_name(
+                shards, [s for li2, l2 in enumerate(opt.layouts) if opt.layout_group[li2] == g for s in l2.slots]
+            )
+            dtype_cache[g] = {k: shards[0][0][f"{probe}/{k}"].dtype for k in keys} if probe is not None else {}
+        dtypes = dtype_cache[g]
         new = {k: torch.zeros(hi - lo, dtype=dtypes.get(k, torch.float32), device=master.device) for k in keys}
         if load_master:
             new["master"] = torch.zeros(hi - lo, dtype=torch.float32, device=master.device)
@@ -188,13 +204,14 @@ def load_sharded_state(opt: ZeroShardedOptimizer, shards: list[Shard]) -> None:
                 master.copy_(new.pop("master"))
             else:
                 # DeepSpeed's load_from_fp32_weights=false: the master restarts from the (16-bit) model.
-                master.copy_(opt.flat_params[g][lo:hi].float())
+                master.copy_(opt.flat_params[li][lo:hi].float())
         state: dict[str, Any] = dict(new)
         for k, d in group_meta["scalars"].items():
             state[k] = _decode_scalar(d, master.device)
         opt.inner.state[master] = state
+    for g in range(n_groups):
         group = opt.inner.param_groups[g]
-        for k, v in group_meta["hyper"].items():
+        for k, v in meta0["groups"][g]["hyper"].items():
             if k in group and isinstance(v, bool | int | float | list):
                 group[k] = tuple(v) if isinstance(group[k], tuple) else v
     opt.loss_scaler.load_state_dict(meta0["loss_scaler"])
@@ -204,10 +221,10 @@ def load_sharded_state(opt: ZeroShardedOptimizer, shards: list[Shard]) -> None:
         opt._refresh_model()
 
 
-def _any_name(shards: list[Shard], lay: Any) -> str | None:
+def _any_name(shards: list[Shard], slots: Any) -> str | None:
     """A parameter of this group with a saved fragment on rank 0 (to read the state dtypes from)."""
     params = shards[0][1]["params"]
-    for slot in lay.slots:
+    for slot in slots:
         pm = params.get(slot.name)
         if pm is not None and pm["end"] > pm["start"]:
             return slot.name

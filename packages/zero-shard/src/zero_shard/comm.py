@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-__all__ = ["CollectiveChoice", "choose_collectives", "gather_partitions"]
+__all__ = ["CollectiveChoice", "choose_collectives", "gather_partitions", "launch_gather"]
 
 GradCollective = Literal["all_reduce", "reduce"]
 ParamCollective = Literal["all_reduce", "all_gather", "broadcast"]
@@ -123,3 +123,38 @@ def gather_partitions(
             dist.all_reduce(piece, group=group)
     else:
         raise ValueError(f"unknown parameter collective {method!r}; accepted: all_gather, all_reduce, broadcast")
+
+
+def launch_gather(
+    flat: torch.Tensor,
+    partition_numel: int,
+    rank: int,
+    world_size: int,
+    *,
+    method: ParamCollective,
+    group: dist.ProcessGroup | None = None,
+) -> list:
+    """Start filling every rank's partition of ``flat`` from its owner, asynchronously; returns the works.
+
+    The stage-3 fetch (:mod:`zero_shard.partition`): one collective per owner (broadcast) or one
+    all-gather, not waited on, so that a prefetch overlaps with compute. ``flat``'s own partition must
+    already hold this rank's values. Wait on every returned work before reading ``flat``. The returned
+    list also holds the all-gather's input copy, which must stay alive until the works complete.
+    """
+    if world_size == 1:
+        return []
+    P = partition_numel
+    if method == "broadcast":
+        return [
+            dist.broadcast(
+                flat[r * P : (r + 1) * P],
+                src=r if group is None else dist.get_global_rank(group, r),
+                group=group,
+                async_op=True,
+            )
+            for r in range(world_size)
+        ]
+    # all_gather (and all_reduce, which has no advantage for a fetch): one collective into the buffer.
+    mine = flat[rank * P : (rank + 1) * P].clone()
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return [fn(flat, mine, group=group, async_op=True), mine]

@@ -211,19 +211,20 @@ class ZeroConfig(BaseModel):
     def unsupported_features(self, *, model_on_cpu: bool = True) -> list[str]:
         """Configured features that zero-shard does not implement yet (empty when all is built).
 
-        ``offload_optimizer.device='cpu'`` is supported trivially when the model itself lives on CPU: the fp32
-        master partition and optimizer states are then already in CPU memory and the step runs there.
+        ``offload_optimizer.device='cpu'`` (and at stage 3 ``offload_param.device='cpu'``) is supported trivially
+        when the model itself lives on CPU: the fp32 master partition, the optimizer states and the stage-3
+        parameter partitions are then already in CPU memory and the step runs there.
         """
         out = []
-        if self.stage == 3:
-            out.append("zero_optimization.stage=3 (parameter partitioning)")
         off = self.offload_optimizer
         if off is not None and off.device == OffloadDevice.nvme:
             out.append("zero_optimization.offload_optimizer.device='nvme'")
         if off is not None and off.device == OffloadDevice.cpu and not model_on_cpu:
             out.append("zero_optimization.offload_optimizer.device='cpu' with an accelerator model")
-        if self.offload_param is not None and self.offload_param.enabled:
-            out.append(f"zero_optimization.offload_param.device={self.offload_param.device.value!r}")
+        par = self.offload_param
+        # Like offload_optimizer: a CPU model's stage-3 partitions already live in CPU memory.
+        if par is not None and par.enabled and not (par.device == OffloadDevice.cpu and model_on_cpu):
+            out.append(f"zero_optimization.offload_param.device={par.device.value!r}")
         if self.zero_hpz_partition_size > 1:
             out.append("zero_optimization.zero_hpz_partition_size>1 (ZeRO++ hpZ)")
         if self.zero_quantized_weights or self.zero_quantized_nontrainable_weights:

@@ -13,12 +13,20 @@ stage-1/2 one, so any stage and world size can load any other.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["FlatLayout", "ParamSlot"]
+__all__ = ["FlatLayout", "ParamSlot", "full_shape"]
+
+
+def full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's whole shape, also while ``zero.Init`` holds only its partition (``ds_shape``)."""
+    if getattr(p, "ds_tensor", None) is not None:
+        return tuple(p.ds_shape)  # type: ignore[attr-defined]
+    return tuple(p.shape)
 
 
 @dataclass(frozen=True)
@@ -51,8 +59,10 @@ class FlatLayout:
         self.slots: list[ParamSlot] = []
         offset = 0
         for name, p in named_params:
-            self.slots.append(ParamSlot(name, tuple(p.shape), offset, p.numel()))
-            offset += p.numel()
+            shape = full_shape(p)
+            numel = math.prod(shape)
+            self.slots.append(ParamSlot(name, shape, offset, numel))
+            offset += numel
         self.numel = offset
         self.world_size = world_size
         # At least one element per rank, so that every rank has a (possibly all-padding) partition.

@@ -27,17 +27,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from amp_scaler import StaticLossScaler, unscale_and_clip_
+from amp_scaler import StaticLossScaler, global_grad_norm, unscale_and_clip_
 from zero_shard.comm import CollectiveChoice, choose_collectives, gather_partitions
 from zero_shard.config import ZeroConfig
 from zero_shard.flat_buffer import FlatLayout
 from zero_shard.grad_reduce import GradReducer
+from zero_shard.torch_optimizer import TorchOptimizerFacade
+
+if TYPE_CHECKING:
+    from zero_shard.stage3 import ParamCoordinator
 
 __all__ = ["ZeroShardedOptimizer", "default_optimizer_factory"]
 
@@ -98,8 +102,12 @@ def _normalize_groups(named_params: Any) -> list[tuple[list[tuple[str, nn.Parame
     return out
 
 
-class ZeroShardedOptimizer:
+class ZeroShardedOptimizer(TorchOptimizerFacade):
     """ZeRO stage 0/1/2 optimizer wrapper (see the module docstring for the layout).
+
+    A ``torch.optim.Optimizer``: ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's
+    own objects, so torch's LR schedulers work on it; ``state_dict()`` is this rank's state
+    (see :mod:`zero_shard.torch_optimizer`).
 
     Args:
         named_params: ``[(name, param), ...]`` or param groups ``[{"params": [(name, param), ...], **hyper}]``.
@@ -134,8 +142,11 @@ class ZeroShardedOptimizer:
         gradient_predivide_factor: float = 1.0,
         collectives: CollectiveChoice | None = None,
         grad_accum_dtype: torch.dtype | None = None,
+        module: nn.Module | None = None,
     ) -> None:
         config = config if config is not None else ZeroConfig()
+        if int(config.stage) == 3 and module is None:
+            raise ValueError("ZeroShardedOptimizer: stage 3 needs module= (the model whose parameters it partitions)")
         groups = _normalize_groups(named_params)
         device = groups[0][0][0][1].device
         missing = config.unsupported_features(model_on_cpu=device.type == "cpu")
@@ -172,37 +183,32 @@ class ZeroShardedOptimizer:
         self.gradient_clipping = float(gradient_clipping)
         self.loss_scaler = loss_scaler if loss_scaler is not None else StaticLossScaler(1.0, process_group)
         self.collectives = collectives or choose_collectives(
-            backend, self.stage, reduce_scatter=config.reduce_scatter, allgather_partitions=config.allgather_partitions
+            backend,
+            min(self.stage, 2),
+            reduce_scatter=config.reduce_scatter,
+            allgather_partitions=config.allgather_partitions,
         )
         if self.stage == 0 and self.collectives.grad != "all_reduce":
             raise ValueError("stage 0 needs the whole reduced gradient on every rank: grad collective 'all_reduce'")
 
-        self.layouts = [FlatLayout(params, self.world_size) for params, _ in groups]
-        # fp32 master: from the parameters' values before any cast to the compute dtype.
-        self.masters: list[nn.Parameter] = []
-        self.flat_params: list[torch.Tensor] = []
-        for lay in self.layouts:
-            full = lay.flatten(torch.float32, device)
-            lo, hi = lay.partition(self.rank)
-            if compute_dtype in _LOW_PRECISION:
-                flat = full.to(compute_dtype)
-                master = full if self.stage == 0 else full[lo:hi].clone()
-            else:
-                # fp32 model: the master IS the model's flat buffer (its partition at stages 1-2), no copy.
-                flat = full
-                master = full if self.stage == 0 else full[lo:hi]
-            self.masters.append(nn.Parameter(master, requires_grad=False))
-            self.flat_params.append(flat)
-            lay.bind_params(flat)
+        self.coordinator: ParamCoordinator | None = None
+        if self.stage == 3:
+            self._build_stage3(groups, module, device, process_group)
+        else:
+            self._build_flat(groups, device)
+        masters_of = [
+            [m for m, g in zip(self.masters, self.layout_group, strict=True) if g == gi] for gi in range(len(groups))
+        ]
         self.inner = optimizer_factory(
-            [{"params": [m], **hyper} for m, (_, hyper) in zip(self.masters, groups, strict=True)]
+            [{"params": ms, **hyper} for ms, (_, hyper) in zip(masters_of, groups, strict=True)]
         )
-        if len(self.inner.param_groups) != len(self.masters):
+        if len(self.inner.param_groups) != len(groups):
             raise ValueError("optimizer_factory must keep one param group per group it is given")
 
         self.reducer = GradReducer(
             self.layouts,
-            stage=self.stage,
+            # Stage 3 reduces gradients exactly as stage 2 does, into per-unit partitions.
+            stage=min(self.stage, 2),
             rank=self.rank,
             world_size=self.world_size,
             process_group=process_group,
@@ -215,8 +221,10 @@ class ZeroShardedOptimizer:
             partition_dtype=grad_accum_dtype,
         )
         self._boundary = True
+        self.last_step_sub_groups = 1  # how many pieces the last step went in (stage 3 sub_group_size)
         self._global_grad_norm: float | None = None
         self.global_steps = 0
+        self._init_torch_optimizer()
 
     # ---- the training-loop API --------------------------------------------------------------------
 
@@ -233,6 +241,10 @@ class ZeroShardedOptimizer:
         """Unscale/clip, step the fp32 partition, refresh the model. False when skipped for overflow."""
         if closure is not None:
             raise ValueError("ZeroShardedOptimizer.step does not take a closure")
+        if self.coordinator is not None:
+            self.coordinator.release_all()
+            if sum(m.numel() for m in self.masters) > self.config.sub_group_size:
+                return self._step_in_sub_groups()
         # A 16-bit stage-2 partition is upcast for the step only: unscaling fp16 gradients in fp16 would
         # flush the small ones to zero, and the inner optimizer wants fp32 gradients for fp32 masters.
         grads = [self.reducer.grads_for_step(g).float() for g in range(len(self.masters))]
@@ -258,6 +270,51 @@ class ZeroShardedOptimizer:
         self.global_steps += 1
         return True
 
+    def _step_in_sub_groups(self) -> bool:
+        """Stage 3 with ``sub_group_size``: step the partitions a sub-group at a time.
+
+        The global norm is taken from the gradients as they are (16-bit ones accumulate in fp32), then each
+        sub-group of about ``sub_group_size`` elements is upcast, unscaled/clipped and stepped on its own, so
+        the fp32 working set of the step is one sub-group rather than the whole partition (DeepSpeed's
+        ``sub_group_size``; what NVMe offload swaps at a time).
+        """
+        raw = [self.reducer.grads_for_step(i) for i in range(len(self.masters))]
+        inv = self.loss_scaler.inv_scale
+        total = global_grad_norm(raw, self.process_group, sharded=True) * inv
+        found_inf = not math.isfinite(total)
+        self._global_grad_norm = total
+        self.loss_scaler.update_scale(found_inf)
+        if found_inf:
+            self.reducer.zero_grad()
+            return False
+        factor = inv
+        if self.gradient_clipping > 0:
+            # torch's clip coefficient in fp32 tensor math, as amp_scaler.unscale_and_clip_ computes it.
+            coef = torch.clamp(self.gradient_clipping / (torch.tensor(total, dtype=torch.float32) + 1e-6), max=1.0)
+            factor = float((coef * inv).item())
+        limit = max(1, int(self.config.sub_group_size))
+        start = 0
+        self.last_step_sub_groups = 0
+        while start < len(self.masters):
+            self.last_step_sub_groups += 1
+            stop, numel = start, 0
+            while stop < len(self.masters) and (stop == start or numel + self.masters[stop].numel() <= limit):
+                numel += self.masters[stop].numel()
+                stop += 1
+            for i in range(start, stop):
+                grad = raw[i].float()  # fp32 already: in place (the partition is zeroed after the step anyway)
+                if factor != 1.0:
+                    grad.mul_(factor)
+                self.masters[i].grad = grad
+            self.inner.step()
+            for i in range(start, stop):
+                self.masters[i].grad = None
+            start = stop
+        self._refresh_model()
+        self.reducer.zero_grad()
+        self.global_steps += 1
+        return True
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear accumulated gradients (the model's ``.grad`` are kept at None by the hooks)."""
         self.reducer.zero_grad()
@@ -266,11 +323,6 @@ class ZeroShardedOptimizer:
                 p.grad = None
 
     # ---- properties the engine reads ---------------------------------------------------------------
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        """The inner optimizer's groups (set ``group["lr"]`` to schedule the learning rate)."""
-        return self.inner.param_groups
 
     @property
     def global_grad_norm(self) -> float | None:
@@ -287,11 +339,6 @@ class ZeroShardedOptimizer:
         """Steps skipped because gradients overflowed."""
         return self.loss_scaler.skipped_steps
 
-    @property
-    def state(self) -> Any:
-        """The inner optimizer's state (keyed by the fp32 master partitions)."""
-        return self.inner.state
-
     def state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds per kind: ``master`` (0 for an fp32 model: the master is the parameters'
         own memory), ``optimizer_state``, ``gradients`` (reduced or accumulating) and ``params``."""
@@ -304,6 +351,24 @@ class ZeroShardedOptimizer:
         grads = sum(
             t.numel() * t.element_size() for t in (*self.reducer.part_grads, *self.reducer.accum) if t is not None
         )
+        if self.stage == 3:
+            # Parameters: the full buffers allocated right now (persistent units, any unit still gathered)
+            # plus every shard that is its own memory (an fp32 persistent unit's shard is a view of its buffer).
+            # For fp32 the shard is also the master: counted once, here.
+            full = sum(u.resident_bytes() for u in self.units)
+            own_shards = [
+                u.shard
+                for u in self.units
+                if u.shard.untyped_storage().data_ptr() != u.full.untyped_storage().data_ptr()
+            ]
+            shard_ptrs = {t.untyped_storage().data_ptr() for t in (*own_shards, *(u.full for u in self.units))}
+            masters = [m for m in self.masters if m.untyped_storage().data_ptr() not in shard_ptrs]
+            return {
+                "master": sum(m.numel() * m.element_size() for m in masters),
+                "optimizer_state": state,
+                "gradients": grads,
+                "params": full + sum(t.numel() * t.element_size() for t in own_shards),
+            }
         # An fp32 model's master shares the parameters' memory: count it only where it is a copy.
         own = [
             m
@@ -316,6 +381,15 @@ class ZeroShardedOptimizer:
             "gradients": grads,
             "params": sum(f.numel() * f.element_size() for f in self.flat_params),
         }
+
+    def empty_partition_cache(self) -> None:
+        """Stage 3: free every gathered, non-persistent unit now (DeepSpeed's name). No-op below stage 3."""
+        if self.coordinator is not None:
+            self.coordinator.release_all()
+
+    def managed_param_ids(self) -> set[int]:
+        """``id()`` of every model parameter this optimizer holds an fp32 master for."""
+        return {id(p) for lay in self.layouts for p in lay.params}
 
     # ---- checkpoint state (implemented in checkpoint_state.py) ----------------------------------------
 
@@ -333,8 +407,95 @@ class ZeroShardedOptimizer:
 
     # ---- internals ----------------------------------------------------------------------------------
 
+    def _build_flat(self, groups: list[Any], device: torch.device) -> None:
+        """Stages 0-2: one flat layout per param group; the model's parameters become views into it."""
+        self.layouts = [FlatLayout(params, self.world_size) for params, _ in groups]
+        self.layout_group = list(range(len(groups)))
+        # fp32 master: from the parameters' values before any cast to the compute dtype.
+        self.masters: list[nn.Parameter] = []
+        self.flat_params: list[torch.Tensor] = []
+        for lay in self.layouts:
+            full = lay.flatten(torch.float32, device)
+            lo, hi = lay.partition(self.rank)
+            if self.compute_dtype in _LOW_PRECISION:
+                flat = full.to(self.compute_dtype)
+                master = full if self.stage == 0 else full[lo:hi].clone()
+            else:
+                # fp32 model: the master IS the model's flat buffer (its partition at stages 1-2), no copy.
+                flat = full
+                master = full if self.stage == 0 else full[lo:hi]
+            self.masters.append(nn.Parameter(master, requires_grad=False))
+            self.flat_params.append(flat)
+            lay.bind_params(flat)
+
+    def _build_stage3(
+        self, groups: list[Any], module: nn.Module, device: torch.device, process_group: dist.ProcessGroup | None
+    ) -> None:
+        """Stage 3: per-module units (:mod:`zero_shard.stage3`), each partitioned, released until used."""
+        from zero_shard.init import materialize_partitioned
+        from zero_shard.stage3 import ParamCoordinator, build_units, plan_units
+
+        cfg = self.config.resolve_auto()
+        plan = plan_units(
+            module,
+            [params for params, _ in groups],
+            persistence_threshold=int(cfg.param_persistence_threshold),
+            model_persistence_threshold=int(cfg.model_persistence_threshold),
+        )
+        units = build_units(
+            plan,
+            rank=self.rank,
+            world_size=self.world_size,
+            dtype=self.compute_dtype,
+            device=device,
+            process_group=process_group,
+            method=self.collectives.param,
+        )
+        self.units = units
+        self.layouts = [u.layout for u in units]
+        self.layout_group = [u.group for u in units]
+        self.masters = []
+        self.flat_params = []
+        for u in units:
+            # Parameters built under zero.Init hold only their partition: gather them one at a time.
+            materialize_partitioned(u.params, process_group)
+            full = u.layout.flatten(torch.float32, device)
+            lo, hi = u.layout.partition(self.rank)
+            if self.compute_dtype in _LOW_PRECISION:
+                master = full[lo:hi].clone()
+                u.bind(full)
+            elif u.persistent:
+                u.bind(full)
+                master = u.full[lo:hi]  # fp32 and always resident: the master is the buffer's partition
+            else:
+                master = full[lo:hi].clone()
+                u.bind(full, shard=master)
+            del full
+            u.release()
+            u.master = master
+            self.masters.append(nn.Parameter(master, requires_grad=False))
+            self.flat_params.append(u.full)
+        self.coordinator = ParamCoordinator(
+            module,
+            units,
+            plan.needs,
+            rank=self.rank,
+            world_size=self.world_size,
+            process_group=process_group,
+            prefetch_bucket_size=int(cfg.prefetch_bucket_size),
+            max_live_parameters=int(cfg.max_live_parameters),
+            max_reuse_distance=int(cfg.max_reuse_distance),
+        )
+
     def _refresh_model(self) -> None:
         """Copy the fp32 master into the compute-dtype flat buffers and share the partitions."""
+        if self.stage == 3:
+            with torch.no_grad():
+                for u, master in zip(self.units, self.masters, strict=True):
+                    if u.shard.data_ptr() != master.data_ptr():
+                        u.shard.copy_(master)
+                    u.refresh(self.config.allgather_bucket_size)
+            return
         with torch.no_grad():
             for lay, master, flat in zip(self.layouts, self.masters, self.flat_params, strict=True):
                 lo, hi = (0, lay.padded_numel) if self.stage == 0 else lay.partition(self.rank)

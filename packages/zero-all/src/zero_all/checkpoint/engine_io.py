@@ -78,7 +78,7 @@ def save_engine_checkpoint(
     rank_tensors.update(_rng_tensors())
     writer.write_rank(rank_tensors, {"optimizer": meta})
     if writer.rank == 0:
-        writer.write_shared(MODEL_FILE, engine.module.state_dict())
+        writer.write_shared(MODEL_FILE, _module_state_to_save(engine))
     manifest = {
         "zero_stage": engine.zero_optimization_stage(),
         "engine": {
@@ -118,7 +118,13 @@ def load_engine_checkpoint(
 
     # 1. The module as saved (buffers, and the parameters in the compute dtype).
     module_state = reader.read_shared(MODEL_FILE)
+    from_master = _keys_from_master(engine)
+    if engine.zero_optimization_stage() == 3:
+        # Partitioned parameters have no full memory to load into: their values come from the fp32 master below.
+        module_state = {k: v for k, v in module_state.items() if k not in from_master}
     missing, unexpected = engine.module.load_state_dict(module_state, strict=False)
+    # A stage-3 checkpoint holds no 16-bit copy of the parameters the optimizer's master covers.
+    missing = [k for k in missing if k not in from_master]
     if load_module_strict and (missing or unexpected):
         raise CheckpointError(
             f"{reader.dir / MODEL_FILE} does not match the model: missing keys {sorted(missing)}, "
@@ -152,6 +158,20 @@ def load_engine_checkpoint(
         if _RNG + "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng[_RNG + "cuda"])
     return str(reader.dir), manifest.get("client_state", {})
+
+
+def _keys_from_master(engine: Engine) -> set[str]:
+    """state_dict keys (tied aliases included) of the parameters whose values the optimizer's fp32 master holds."""
+    managed = getattr(engine.optimizer, "managed_param_ids", lambda: set())()
+    return {k for k, t in engine.module.state_dict(keep_vars=True).items() if id(t) in managed}
+
+
+def _module_state_to_save(engine: Engine) -> dict[str, torch.Tensor]:
+    """The module's state_dict; at stage 3 without the partitioned parameters (the master shards hold them)."""
+    if engine.zero_optimization_stage() != 3:
+        return engine.module.state_dict()
+    skip = _keys_from_master(engine)
+    return {k: v.detach() for k, v in engine.module.state_dict(keep_vars=True).items() if k not in skip}
 
 
 def _load_master_weights_only(engine: Engine, shards: list[tuple[dict[str, torch.Tensor], dict[str, Any]]]) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "CheckpointCorruptError",
     "CheckpointError",
     "fsync_dir",
+    "manifest_digest",
     "read_json",
     "read_tensors",
     "verify_file",
@@ -38,10 +39,27 @@ class CheckpointCorruptError(CheckpointError):
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        # A half-written file (e.g. the disk filled up) would only hold space: drop it.
+        path.unlink(missing_ok=True)
+        raise
+
+
+def manifest_digest(body: dict[str, Any]) -> str:
+    """sha256 of a manifest's content, excluding its own ``manifest_sha256`` field.
+
+    Computed over a canonical JSON form (sorted keys, no whitespace) of what the JSON file
+    holds, so reading the file back and recomputing gives the same digest, and any edit of a
+    value in it (counters, scheduler state, client_state, world size) changes it.
+    """
+    content = {k: v for k, v in body.items() if k != "manifest_sha256"}
+    canonical = json.dumps(json.loads(json.dumps(content, allow_nan=True)), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
@@ -68,7 +86,7 @@ def write_json_atomic(path: Path, obj: Any) -> dict[str, Any]:
     """Write JSON to ``path`` via a temporary file + fsync + rename; return ``{"size", "sha256"}``."""
     data = (json.dumps(obj, indent=1, sort_keys=True, allow_nan=True) + "\n").encode()
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_bytes(tmp, data)
+    _write_bytes(tmp, data)  # removes its partial file itself on failure
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}

@@ -25,6 +25,7 @@ IMPLEMENTED_KEYS: frozenset[str] = frozenset(
         "memory_breakdown",
         "prescale_gradients",
         "gradient_predivide_factor",
+        "gradient_allreduce_op",
         "optimizer",
         "scheduler",
         "fp16",

@@ -20,7 +20,7 @@ from zero_all.config import sections as s
 from zero_all.config.known_keys import IMPLEMENTED_KEYS, KEY_ALIASES, NOT_IMPLEMENTED_KEYS, suggest
 from zero_all.config.loader import ConfigError, load_config_source
 from zero_all.optim import check_optimizer
-from zero_all.schedulers import SCHEDULERS, scheduler_param_names
+from zero_all.schedulers import SCHEDULERS, scheduler_param_names, torch_scheduler_names
 
 __all__ = ["OptimizerConfig", "SchedulerConfig", "ZeroAllConfig", "load_config"]
 
@@ -46,17 +46,18 @@ class OptimizerConfig(_Strict):
 
 
 class SchedulerConfig(_Strict):
-    """``"scheduler": {"type": ..., "params": {...}}``: one of DeepSpeed's five schedules."""
+    """``"scheduler": {"type": ..., "params": {...}}``: one of DeepSpeed's five schedules or a torch scheduler's name."""
 
     type: str
     params: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _known(self) -> SchedulerConfig:
-        if self.type not in SCHEDULERS:
+        known = [*SCHEDULERS, *torch_scheduler_names()]
+        if self.type not in known:
             raise ConfigError(
-                f"ds_config.scheduler.type: unknown scheduler {self.type!r}{suggest(self.type, set(SCHEDULERS))}; "
-                f"accepted: {', '.join(SCHEDULERS)}"
+                f"ds_config.scheduler.type: unknown scheduler {self.type!r}{suggest(self.type, set(known))}; "
+                f"accepted: {', '.join(SCHEDULERS)}, or a torch.optim.lr_scheduler class ({', '.join(known[len(SCHEDULERS) :])})"
             )
         names = scheduler_param_names(self.type)
         for key in self.params:
@@ -113,6 +114,9 @@ class ZeroAllConfig(_Strict):
     memory_breakdown: bool = False
     prescale_gradients: bool = False
     gradient_predivide_factor: float = 1.0
+    gradient_allreduce_op: Literal["mean", "sum"] = "mean"
+    """How data-parallel gradients combine: "mean" (DeepSpeed's default) or "sum" (no division by the
+    world size). Case-insensitive, as in DeepSpeed."""
     seed: int | None = None
     dataloader_drop_last: bool = False
     zero_allow_untested_optimizer: bool = False
@@ -140,6 +144,11 @@ class ZeroAllConfig(_Strict):
     def raw(self) -> dict[str, Any]:
         """The config as written (after dropping ignored keys), the input of "auto" resolution."""
         return self._raw
+
+    @field_validator("gradient_allreduce_op", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("gradient_clipping", "gradient_predivide_factor")
     @classmethod
