@@ -246,14 +246,8 @@ class InferenceSchedule(PipeSchedule):
     name = "inference"
 
     def compute_order(self, stage: int) -> list[Instruction]:
-        """``F0 .. F(m-1)`` for every chunk, micro-batch-major."""
+        """``F0 .. F(m-1)`` for every chunk, micro-batch-major (chunk c of a micro-batch after chunk c-1)."""
         return [Forward(i, c) for i in range(self.micro_batches) for c in range(self.chunks)]
-
-    def steps(self, stage: int) -> list[Instruction]:
-        """Receives and sends around each forward."""
-        # For chunks > 1 the forward of (i, c) on stage 0 needs (i, c-1) from the last stage first;
-        # micro-batch-major order keeps that dependency satisfied.
-        return super().steps(stage)
 
     def activation_bound(self, stage: int) -> int:
         """No activations are kept."""
@@ -312,7 +306,6 @@ def simulate(schedule: PipeSchedule, forward_time: float = 1.0, backward_time: f
     fifo_sent: dict[tuple[str, int, int], list[tuple[int, int]]] = {}  # (kind, src, dst) -> messages
     fifo_recv: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
     starts: dict[tuple[int, str, int, int], float] = {}
-    VS = P * v
 
     def peer(vs: int) -> int:
         return vs % P
@@ -355,5 +348,4 @@ def simulate(schedule: PipeSchedule, forward_time: float = 1.0, backward_time: f
     for key, recvs in fifo_recv.items():
         if fifo_sent.get(key) != recvs:
             raise RuntimeError(f"{schedule}: messages {key} are received in another order than sent")
-    del VS
     return SimulationResult(makespan=max(clock), busy=busy, starts=starts)
