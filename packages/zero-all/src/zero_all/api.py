@@ -27,6 +27,7 @@ from zero_all.config.model import TORCH_DTYPES, ZeroAllConfig, load_config
 from zero_all.distributed import get_device, init_distributed
 from zero_all.engine import Engine
 from zero_all.optim import OptimizerFactory, check_optimizer_stage, optimizer_factory
+from zero_all.pipeline import attach_pipeline, parallel_layout
 from zero_all.schedulers import build_scheduler
 
 __all__ = ["add_config_arguments", "config_from_args", "initialize"]
@@ -173,13 +174,21 @@ def _client_groups(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
 
 
 def _build_dataloader(
-    training_data: Any, micro_batch: int, collate_fn: Callable | None, drop_last: bool
+    training_data: Any,
+    micro_batch: int,
+    collate_fn: Callable | None,
+    drop_last: bool,
+    data_parallel: tuple[int, int] | None = None,
 ) -> DataLoader | None:
     if training_data is None:
         return None
     from zero_all.data.loader import build_dataloader
 
-    return build_dataloader(training_data, micro_batch, collate_fn=collate_fn, drop_last=drop_last)
+    # With model parallelism the ranks of one replica (pipeline stages) read the same samples.
+    replicas, rank = data_parallel if data_parallel is not None else (None, None)
+    return build_dataloader(
+        training_data, micro_batch, collate_fn=collate_fn, drop_last=drop_last, rank=rank, world_size=replicas
+    )
 
 
 def initialize(
@@ -206,13 +215,12 @@ def initialize(
     """
     if model is None:
         raise ValueError("initialize() needs model=")
-    if mpu is not None:
-        raise NotImplementedError("mpu (model parallelism) is not wired into zero-all's engine yet")
     config = config_from_args(args, config, config_params)
     init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
-    world_size = dist.get_world_size() if dist.is_initialized() else 1
-
     cfg = load_config(config)
+    # Pipeline / model parallelism: ZeRO and the batch arithmetic use the data-parallel axis only.
+    layout = parallel_layout(model, mpu, cfg)
+    world_size = layout.data_parallel_world_size
     loader_batch = training_data.batch_size if isinstance(training_data, DataLoader) else None
     ctx = AutoContext(model, optimizer, loader_batch, client_lr_scheduler=lr_scheduler is not None)
     micro_was_auto = cfg.train_micro_batch_size_per_gpu == "auto"
@@ -273,6 +281,7 @@ def initialize(
         gradient_clipping=float(cfg.gradient_clipping),
         gradient_predivide_factor=float(cfg.gradient_predivide_factor),
         grad_accum_dtype=_grad_accum_dtype(cfg, dtype),
+        process_group=layout.data_parallel_group,
         module=model if int(cfg.zero_optimization.stage) == 3 else None,
     )
 
@@ -283,14 +292,29 @@ def initialize(
     _cast_unmanaged(model, dtype, {id(p) for g in groups for _, p in g["params"]})
     scheduler = _build_lr_scheduler(lr_scheduler, optimizer, zero_opt, cfg)
     dataloader = _build_dataloader(
-        training_data, batch.train_micro_batch_size_per_gpu, collate_fn, cfg.dataloader_drop_last
+        training_data,
+        batch.train_micro_batch_size_per_gpu,
+        collate_fn,
+        cfg.dataloader_drop_last,
+        layout.data_parallel_rank_and_size(),
     )
     if "activation_checkpointing" in cfg.raw:
         from act_ckpt import checkpointing
 
         checkpointing.configure(None, deepspeed_config=cfg.raw)
 
-    engine = Engine(model, zero_opt, scheduler, cfg, batch, device=device, training_dataloader=dataloader)
+    engine = Engine(
+        model,
+        zero_opt,
+        scheduler,
+        cfg,
+        batch,
+        device=device,
+        process_group=layout.data_parallel_group,
+        training_dataloader=dataloader,
+    )
+    if layout.pipeline:
+        engine.pipeline = attach_pipeline(engine, model, zero_opt, batch.gradient_accumulation_steps)
     return engine, _returned_optimizer(zero_opt, cfg), dataloader, scheduler
 
 

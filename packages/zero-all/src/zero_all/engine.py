@@ -64,6 +64,8 @@ class Engine(torch.nn.Module):
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self.monitor = EngineMonitor(config, batch, self.global_rank, self.world_size)
+        # A pipe3d.PipelineEngine when the model is a PipelineModule (set by initialize()).
+        self.pipeline: Any = None
 
     # ----------------------------------------------------------------- properties DeepSpeed has
     def train_batch_size(self) -> int:
@@ -172,6 +174,51 @@ class Engine(torch.nn.Module):
         """Drop accumulated gradients (the engine does this itself after each optimizer step)."""
         self.optimizer.zero_grad()
 
+    # ----------------------------------------------------------------- pipelines
+    def _pipeline_engine(self, what: str) -> Any:
+        if self.pipeline is None:
+            raise RuntimeError(f"engine.{what}() needs a pipe3d.PipelineModule model; use forward/backward/step")
+        return self.pipeline
+
+    def train_batch(self, data_iter: Any = None) -> torch.Tensor:
+        """One optimizer step of a PipelineModule over gradient_accumulation_steps micro-batches; the mean loss.
+
+        ``data_iter`` yields ``(inputs, labels)`` micro-batches (the first and last stages read it;
+        None: the engine's training dataloader). ZeRO-1 reduces over the data axis once per batch.
+        """
+        pipe = self._pipeline_engine("train_batch")
+        if data_iter is None:
+            data_iter = self._data_iterator()
+        self.monitor.timers_start("forward")
+        loss = pipe.forward_backward(data_iter)
+        self.monitor.timers_stop("forward")
+        self._loss_sum, self._loss_count = loss.detach().float(), 1
+        # The pipeline ran all micro steps; step() counts the last one and steps at the boundary.
+        self.micro_steps += self.batch.gradient_accumulation_steps - 1
+        self.step()
+        return loss
+
+    def eval_batch(self, data_iter: Any, return_logits: bool = False, bcast_loss: bool = True) -> Any:
+        """Forward of gradient_accumulation_steps micro-batches of a PipelineModule; the mean loss."""
+        return self._pipeline_engine("eval_batch").eval_batch(
+            data_iter, return_logits=return_logits, bcast_loss=bcast_loss
+        )
+
+    def _data_iterator(self) -> Any:
+        if self.training_dataloader is None:
+            raise RuntimeError("engine.train_batch() without data_iter needs training_data= in initialize()")
+        if getattr(self, "_train_iter", None) is None:
+            self._train_iter = iter(self.training_dataloader)
+        return self._train_iter
+
+    def is_first_stage(self) -> bool:
+        """Whether this rank holds the first pipeline stage (True without a pipeline)."""
+        return self.pipeline is None or self.pipeline.is_first_stage()
+
+    def is_last_stage(self) -> bool:
+        """Whether this rank holds the last pipeline stage (True without a pipeline)."""
+        return self.pipeline is None or self.pipeline.is_last_stage()
+
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(
         self,
@@ -183,6 +230,11 @@ class Engine(torch.nn.Module):
     ) -> bool:
         """Write a pickle-free checkpoint to ``save_dir/tag`` (tag defaults to ``global_step<N>``)."""
         tag = f"global_step{self.global_steps}" if tag is None else str(tag)
+        if self.pipeline is not None:
+            from zero_all.pipeline import save_pipeline_engine
+
+            save_pipeline_engine(self, save_dir, tag, client_state or {}, save_latest)
+            return True
         save_engine_checkpoint(self, save_dir, tag, client_state or {}, save_latest=save_latest)
         return True
 
@@ -196,6 +248,17 @@ class Engine(torch.nn.Module):
         load_module_only: bool = False,
     ) -> tuple[str | None, dict[str, Any] | None]:
         """Load a checkpoint (any world size, any stage 0-2); returns ``(path, client_state)`` or ``(None, None)``."""
+        if self.pipeline is not None:
+            from zero_all.pipeline import load_pipeline_engine
+
+            return load_pipeline_engine(
+                self,
+                load_dir,
+                tag,
+                strict=load_module_strict,
+                load_optimizer_states=load_optimizer_states and not load_module_only,
+                load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
+            )
         return load_engine_checkpoint(
             self,
             load_dir,

@@ -1,0 +1,233 @@
+"""Point-to-point transfer of activations and gradients between pipeline stages.
+
+What travels is a tuple of tensors (one tensor is a tuple of one). Shapes, dtypes and which
+tensors need a gradient are negotiated once per channel (the link from one virtual stage to the
+next): the first send carries a small int64 header, later sends only the data, and the receiver
+allocates from the cached description. A later send whose tensors differ from the negotiated
+ones is an error on the sending rank that names both stages and both descriptions (DeepSpeed
+assumes fixed shapes too, silently). Gradients need no negotiation: they have the shapes of the
+activations that required a gradient, which both sides already know.
+
+Sends are non-blocking (``isend``; the tensor is kept alive until :meth:`P2P.wait_sends`), receives
+block with a timeout whose error names this rank, the peer and the message, instead of hanging.
+Activations and gradients use two communicators (see :class:`pipe3d.topology.PipelineParallelGrid`),
+and on gloo also distinct tags.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["P2P", "TensorMeta"]
+
+_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+]
+_CODE = {d: i for i, d in enumerate(_DTYPES)}
+_TAG_META, _TAG_ACT, _TAG_GRAD = 11, 12, 13
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Shape, dtype and requires_grad of one tensor crossing a stage boundary."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool
+
+    @staticmethod
+    def of(t: torch.Tensor) -> TensorMeta:
+        """The description of ``t``."""
+        return TensorMeta(tuple(t.shape), t.dtype, bool(t.requires_grad and t.is_floating_point()))
+
+
+def _encode(metas: Sequence[TensorMeta]) -> torch.Tensor:
+    flat = [len(metas)]
+    for m in metas:
+        flat += [_CODE[m.dtype], int(m.requires_grad), len(m.shape), *m.shape]
+    return torch.tensor(flat, dtype=torch.int64)
+
+
+def _decode(t: torch.Tensor) -> list[TensorMeta]:
+    v = t.tolist()
+    n, i, out = v[0], 1, []
+    for _ in range(n):
+        code, rg, nd = v[i : i + 3]
+        shape = tuple(v[i + 3 : i + 3 + nd])
+        out.append(TensorMeta(shape, _DTYPES[code], bool(rg)))
+        i += 3 + nd
+    return out
+
+
+def as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
+    """Activations as a tuple of tensors; anything else is an error naming what was found."""
+    items = x if isinstance(x, (tuple, list)) else (x,)
+    for i, t in enumerate(items):
+        if not torch.is_tensor(t):
+            raise TypeError(f"pipeline stages exchange tensors or tuples of tensors; element {i} is {type(t).__name__}")
+    return tuple(items)
+
+
+class P2P:
+    """Sends and receives between the stages of one pipeline.
+
+    Args:
+        stage: this rank's stage; ``stage_to_rank(s)`` the global rank of stage ``s`` in this pipeline.
+        num_stages: ``P``.
+        activation_group / grad_group: the communicators for each kind (the pipe group is fine on gloo).
+        device: where received tensors are allocated.
+        timeout: seconds a receive waits before raising.
+    """
+
+    def __init__(
+        self,
+        stage: int,
+        num_stages: int,
+        stage_to_rank: Any,
+        activation_group: Any,
+        grad_group: Any,
+        device: torch.device,
+        timeout: float = 300.0,
+    ) -> None:
+        self.stage = stage
+        self.num_stages = num_stages
+        self.stage_to_rank = stage_to_rank
+        self.groups = {"act": activation_group, "grad": grad_group}
+        self.device = device
+        self.timeout = datetime.timedelta(seconds=timeout)
+        self.meta: dict[int, list[TensorMeta]] = {}  # virtual stage sending -> its outputs' description
+        self._pending: list[tuple[Any, Any]] = []
+        self.bytes_sent = 0
+        self.sends = 0
+
+    # ---- low level -------------------------------------------------------------------------------------
+    def _isend(self, t: torch.Tensor, dst_stage: int, kind: str, tag: int) -> None:
+        t = t.contiguous()
+        work = dist.isend(t, dst=self.stage_to_rank(dst_stage), group=self.groups[kind], tag=tag)
+        self._pending.append((work, t))
+        self.bytes_sent += t.numel() * t.element_size()
+        self.sends += 1
+
+    def _recv(self, t: torch.Tensor, src_stage: int, kind: str, tag: int, what: str) -> torch.Tensor:
+        work = dist.irecv(t, src=self.stage_to_rank(src_stage), group=self.groups[kind], tag=tag)
+        try:
+            work.wait(self.timeout)
+        except Exception as e:
+            raise RuntimeError(
+                f"pipeline rank {dist.get_rank()} (stage {self.stage}): receiving {what} from stage {src_stage} "
+                f"(rank {self.stage_to_rank(src_stage)}) failed or timed out after {self.timeout}: {e}"
+            ) from e
+        return t
+
+    def wait_sends(self) -> None:
+        """Wait for every send issued so far (their buffers may be freed afterwards)."""
+        for work, _ in self._pending:
+            work.wait(self.timeout)
+        self._pending.clear()
+
+    # ---- activations -------------------------------------------------------------------------------------
+    def send_activations(self, tensors: tuple[torch.Tensor, ...], src_vs: int) -> None:
+        """Send ``src_vs``'s outputs to the next virtual stage (on stage ``(src_vs + 1) % P``)."""
+        dst = (src_vs + 1) % self.num_stages
+        metas = [TensorMeta.of(t) for t in tensors]
+        known = self.meta.get(src_vs)
+        if known is None:
+            header = _encode(metas)
+            self._isend(torch.tensor([header.numel()], dtype=torch.int64).to(self.device), dst, "act", _TAG_META)
+            self._isend(header.to(self.device), dst, "act", _TAG_META)
+            self.meta[src_vs] = metas
+        elif known != metas:
+            raise RuntimeError(
+                f"pipeline rank {dist.get_rank()} (stage {self.stage}): virtual stage {src_vs} now outputs "
+                f"{_describe(metas)} but sent {_describe(known)} before; the tensors passed between stages "
+                "must keep their shapes and dtypes (pad to a fixed sequence length)"
+            )
+        for t in tensors:
+            self._isend(t.detach(), dst, "act", _TAG_ACT)
+
+    def recv_activations(self, dst_vs: int) -> tuple[torch.Tensor, ...]:
+        """Receive the inputs of virtual stage ``dst_vs`` (float ones that need a gradient require it)."""
+        src_vs = dst_vs - 1
+        src = src_vs % self.num_stages
+        metas = self.meta.get(src_vs)
+        if metas is None:
+            n = self._recv(torch.empty(1, dtype=torch.int64, device=self.device), src, "act", _TAG_META, "a header")
+            header = torch.empty(int(n.item()), dtype=torch.int64, device=self.device)
+            metas = _decode(self._recv(header, src, "act", _TAG_META, "a header").cpu())
+            self.meta[src_vs] = metas
+        out = []
+        for m in metas:
+            t = self._recv(torch.empty(m.shape, dtype=m.dtype, device=self.device), src, "act", _TAG_ACT, "activations")
+            out.append(t.requires_grad_(m.requires_grad))
+        return tuple(out)
+
+    # ---- gradients ---------------------------------------------------------------------------------------
+    def send_grads(self, grads: Sequence[torch.Tensor], src_vs: int) -> None:
+        """Send the gradients of virtual stage ``src_vs``'s inputs back to the previous virtual stage."""
+        for g in grads:
+            self._isend(g.detach(), (src_vs - 1) % self.num_stages, "grad", _TAG_GRAD)
+
+    def recv_grads(self, dst_vs: int) -> list[torch.Tensor]:
+        """Receive the gradients of ``dst_vs``'s outputs (one per output that required a gradient)."""
+        metas = self.meta.get(dst_vs)
+        if metas is None:
+            raise RuntimeError(f"stage {self.stage}: gradients for virtual stage {dst_vs} before any activation")
+        src = (dst_vs + 1) % self.num_stages
+        return [
+            self._recv(torch.empty(m.shape, dtype=m.dtype, device=self.device), src, "grad", _TAG_GRAD, "gradients")
+            for m in metas
+            if m.requires_grad
+        ]
+
+
+def _describe(metas: Sequence[TensorMeta]) -> str:
+    return "(" + ", ".join(f"{list(m.shape)} {str(m.dtype).replace('torch.', '')}" for m in metas) + ")"
+
+
+class LocalP2P:
+    """The :class:`P2P` interface within one process (one stage holding several chunks, ``P = 1``).
+
+    Activations are detached (and require a gradient where the sender's did), so each chunk's
+    backward stays separate as it would across ranks.
+    """
+
+    def __init__(self) -> None:
+        self._act: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        self._grad: dict[int, list[list[torch.Tensor]]] = {}
+        self.meta: dict[int, list[TensorMeta]] = {}
+
+    def send_activations(self, tensors: tuple[torch.Tensor, ...], src_vs: int) -> None:
+        """Queue ``src_vs``'s outputs for ``src_vs + 1``."""
+        self.meta[src_vs] = [TensorMeta.of(t) for t in tensors]
+        out = tuple(t.detach().requires_grad_(m.requires_grad) for t, m in zip(tensors, self.meta[src_vs], strict=True))
+        self._act.setdefault(src_vs, []).append(out)
+
+    def recv_activations(self, dst_vs: int) -> tuple[torch.Tensor, ...]:
+        """The oldest queued inputs of ``dst_vs``."""
+        return self._act[dst_vs - 1].pop(0)
+
+    def send_grads(self, grads: Sequence[torch.Tensor], src_vs: int) -> None:
+        """Queue the gradients of ``src_vs``'s inputs for ``src_vs - 1``."""
+        self._grad.setdefault(src_vs - 1, []).append([g.detach() for g in grads])
+
+    def recv_grads(self, dst_vs: int) -> list[torch.Tensor]:
+        """The oldest queued gradients of ``dst_vs``'s outputs."""
+        return self._grad[dst_vs].pop(0)
+
+    def wait_sends(self) -> None:
+        """Nothing is in flight."""

@@ -1,0 +1,168 @@
+"""Pipeline and model parallelism in ``initialize()``: the data-parallel group, the rules, the glue.
+
+pipe3d runs the schedule (:class:`pipe3d.PipelineEngine`); this module only decides, from the
+model and ``mpu``, which process group ZeRO reduces and partitions over (the data axis), checks
+what the combination does not support, and connects the pipeline's backwards to zero-shard's
+optimizer (``backward(tensor, boundary)``) so ZeRO-1 reduces once per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from zero_all.config.loader import ConfigError
+
+__all__ = [
+    "ParallelLayout",
+    "attach_pipeline",
+    "load_pipeline_engine",
+    "parallel_layout",
+    "save_pipeline_engine",
+]
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Where this rank sits: the data-parallel group ZeRO uses, its size, and the model-parallel degree."""
+
+    data_parallel_group: Any
+    data_parallel_world_size: int
+    model_parallel_world_size: int  # ranks per replica (pipe x tensor); 1 without model parallelism
+    pipeline: bool
+
+    def data_parallel_rank_and_size(self) -> tuple[int, int] | None:
+        """``(replicas, this replica's index)`` for the data sampler; None without a data-parallel group."""
+        if self.data_parallel_group is None:
+            return None
+        return self.data_parallel_world_size, dist.get_rank(self.data_parallel_group)
+
+
+def parallel_layout(model: Any, mpu: Any, cfg: Any) -> ParallelLayout:
+    """The layout for ``model`` (a PipelineModule or not) and ``mpu`` (any object with get_data_parallel_*)."""
+    from pipe3d import PipelineModule
+
+    pipeline = isinstance(model, PipelineModule)
+    if pipeline and mpu is None:
+        mpu = model.mpu()
+    if mpu is None:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return ParallelLayout(None, world, 1, pipeline)
+    for name in ("get_data_parallel_group", "get_data_parallel_world_size"):
+        if not callable(getattr(mpu, name, None)):
+            raise TypeError(f"mpu must have {name}() (a Megatron/DeepSpeed-style mpu), got {type(mpu).__name__}")
+    mp = mpu.get_model_parallel_world_size() if callable(getattr(mpu, "get_model_parallel_world_size", None)) else 1
+    layout = ParallelLayout(mpu.get_data_parallel_group(), int(mpu.get_data_parallel_world_size()), int(mp), pipeline)
+    stage = int(cfg.zero_optimization.stage)
+    if stage == 3 and not pipeline:
+        raise ConfigError(
+            "ds_config.zero_optimization.stage: 3 with mpu= is not supported yet (stage 3 partitions over the "
+            "whole world); use stage 0-2 with model parallelism"
+        )
+    if pipeline and stage >= 2:
+        raise ConfigError(
+            f"ds_config.zero_optimization.stage: {stage} with a PipelineModule is not supported; pipeline "
+            "parallelism works with ZeRO stage 0 or 1 (stages 2 and 3 would reduce or gather every "
+            "micro-batch, as DeepSpeed also refuses)"
+        )
+    if layout.model_parallel_world_size > 1:
+        # zero-shard computes the gradient norm and the fp16 overflow flag over the data group only;
+        # with several stages (or tensor-parallel shards) a replica's gradients are spread over more ranks.
+        if float(cfg.gradient_clipping) > 0:
+            raise ConfigError(
+                "ds_config.gradient_clipping > 0 with pipeline/model parallelism is not supported yet: the global "
+                "norm would be computed per stage; set gradient_clipping to 0"
+            )
+        if cfg.fp16.enabled is True:
+            raise ConfigError(
+                "ds_config.fp16 with pipeline/model parallelism is not supported yet (overflow is not agreed across "
+                "stages); use bf16 or fp32"
+            )
+    return layout
+
+
+def attach_pipeline(engine: Any, model: Any, optimizer: Any, gradient_accumulation_steps: int) -> Any:
+    """A :class:`pipe3d.PipelineEngine` whose backwards go through zero-shard's ``optimizer``."""
+    from pipe3d import PipelineEngine
+
+    def backward(tensor: Any, boundary: bool) -> None:
+        optimizer.set_gradient_accumulation_boundary(boundary)
+        optimizer.backward(tensor)
+
+    schedule = "interleaved" if model.num_chunks > 1 else "1f1b"
+    return PipelineEngine(model, gradient_accumulation_steps, schedule=schedule, backward=backward)
+
+
+def save_pipeline_engine(engine: Any, save_dir: Any, tag: str, client_state: dict[str, Any], save_latest: bool) -> None:
+    """An engine checkpoint of a PipelineModule: per-layer weights, optimizer state per rank, counters."""
+    from pipe3d.checkpoint import save_pipeline_checkpoint
+    from zero_all.checkpoint.engine_io import _check_json
+
+    meta = {
+        "zero_stage": engine.zero_optimization_stage(),
+        "engine": {
+            "global_steps": engine.global_steps,
+            "global_samples": engine.global_samples,
+            "micro_steps": engine.micro_steps,
+            "skipped_steps": engine.skipped_steps,
+        },
+        "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+        "client_state": _check_json(client_state),
+        "ds_config": engine.config.raw,
+    }
+    save_pipeline_checkpoint(
+        engine.module,
+        save_dir,
+        tag,
+        optimizer_state=engine.optimizer.sharded_state(),
+        meta=meta,
+        save_latest=save_latest,
+    )
+
+
+def load_pipeline_engine(
+    engine: Any,
+    load_dir: Any,
+    tag: str | None,
+    *,
+    strict: bool,
+    load_optimizer_states: bool,
+    load_lr_scheduler_states: bool,
+) -> tuple[str | None, dict[str, Any] | None]:
+    """Load a :func:`save_pipeline_engine` checkpoint, at the same or another pipeline / data split."""
+    import warnings
+
+    from pipe3d.checkpoint import load_pipeline_checkpoint, read_latest
+    from zero_all.checkpoint.files import CheckpointError
+
+    if tag is None and read_latest(load_dir) is None:
+        return None, None
+    manifest, shards = load_pipeline_checkpoint(engine.module, load_dir, tag, strict=strict)
+    meta = manifest["meta"]
+    if shards is not None and load_optimizer_states:
+        engine.optimizer.load_sharded_state(shards)
+    else:
+        if engine.optimizer.compute_dtype != torch.float32:
+            raise CheckpointError(
+                "this pipeline checkpoint was saved with another layer -> stage split: only the weights can be "
+                "loaded, and that needs an fp32 model (the 16-bit model's fp32 master would not follow)"
+            )
+        if load_optimizer_states:
+            warnings.warn(
+                "pipeline checkpoint saved with another layer -> stage split: weights loaded, the optimizer "
+                "state (moments, step counts) was not",
+                UserWarning,
+                stacklevel=3,
+            )
+        engine.optimizer.zero_grad()
+    if load_lr_scheduler_states and engine.lr_scheduler is not None and meta.get("lr_scheduler") is not None:
+        engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    if load_optimizer_states:
+        for key, value in meta["engine"].items():
+            setattr(engine, key, int(value))
+    tag = tag if tag is not None else read_latest(load_dir)
+    return str(Path(load_dir) / str(tag)), meta.get("client_state", {})
