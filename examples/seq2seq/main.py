@@ -118,8 +118,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_parameters=params,
         lr_scheduler=lr_scheduler,
         training_data=train_ds,
+        # The config is already resolved from the flags (and --deepspeed_config): pass it alone, since
+        # args.deepspeed_config together with config= is refused (as DeepSpeed refuses it).
         config=ds_config,
-        args=args,
     )
     n_params = sum(p.numel() for p in model.parameters())
     U.print_rank_0(
