@@ -25,7 +25,7 @@ from amp_scaler.scaler import (
     create_loss_scaler,
     has_inf_or_nan,
 )
-from amp_scaler.unscale import global_grad_norm, unscale_and_clip_
+from amp_scaler.unscale import clip_factor, global_grad_norm, unscale_and_clip_
 
 __version__ = "0.1.0"
 
@@ -42,6 +42,7 @@ __all__ = [
     "__version__",
     "cast_floating",
     "check_precision",
+    "clip_factor",
     "create_loss_scaler",
     "global_grad_norm",
     "has_inf_or_nan",

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from amp_scaler._dist import ProcessGroup, all_reduce_max_flag, group_size, reduce_device
 
-__all__ = ["global_grad_norm", "unscale_and_clip_"]
+__all__ = ["clip_factor", "global_grad_norm", "unscale_and_clip_"]
 
 
 def _group(tensors: Iterable[torch.Tensor | None]) -> dict[tuple[torch.device, torch.dtype], list[torch.Tensor]]:
@@ -92,6 +92,18 @@ def global_grad_norm(
     return float(_global_norm(_group(grads), float(norm_type), process_group, sharded).item())
 
 
+def clip_factor(total_norm: float, max_norm: float, inv_scale: float = 1.0) -> float:
+    """The one factor that unscales and clips: ``inv_scale`` times torch's clip coefficient (1 when off).
+
+    Exactly torch's coefficient ``min(1, max_norm / (norm + 1e-6))`` in fp32 tensor math (``total_norm``
+    came from an fp32 tensor, so an fp32 CPU tensor of it holds the same value).
+    """
+    if max_norm <= 0:
+        return inv_scale
+    coef = torch.clamp(max_norm / (torch.tensor(total_norm, dtype=torch.float32) + 1e-6), max=1.0)
+    return float((coef * inv_scale).item())
+
+
 def unscale_and_clip_(
     grads: list[torch.Tensor | None],
     inv_scale: float,
@@ -134,12 +146,7 @@ def unscale_and_clip_(
     found_inf = not math.isfinite(total_norm)
     if not sharded:
         found_inf = all_reduce_max_flag(found_inf, process_group)
-    factor = inv_scale
-    if max_norm > 0 and not found_inf:
-        # Exactly torch's clip coefficient (fp32 tensor math), folded into the unscale factor.
-        # (total_norm came from an fp32 tensor, so this fp32 CPU tensor holds the same value.)
-        coef = torch.clamp(max_norm / (torch.tensor(total_norm, dtype=torch.float32) + 1e-6), max=1.0)
-        factor = float((coef * inv_scale).item())
+    factor = clip_factor(total_norm, max_norm, inv_scale) if not found_inf else inv_scale
     if factor != 1.0:
         for ts in groups.values():
             torch._foreach_mul_(ts, factor)

@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-__all__ = ["CollectiveChoice", "choose_collectives", "gather_partitions", "launch_gather"]
+__all__ = ["CollectiveChoice", "all_gather_single", "choose_collectives", "gather_partitions", "launch_gather"]
 
 GradCollective = Literal["all_reduce", "reduce"]
 ParamCollective = Literal["all_reduce", "all_gather", "broadcast"]
@@ -63,10 +63,13 @@ def choose_collectives(
     return CollectiveChoice(grad=grad, param=param)
 
 
-def _all_gather_single(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None) -> None:
+def all_gather_single(
+    out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None, *, async_op: bool = False
+) -> dist.Work | None:
+    """All-gather ``inp`` of every rank into ``out``, rank order (one collective)."""
     # torch 2.13 renamed all_gather_into_tensor to all_gather_single; keep working on older releases.
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=group)
+    return fn(out, inp, group=group, async_op=async_op)
 
 
 def gather_partitions(
@@ -103,7 +106,7 @@ def gather_partitions(
     elif method == "all_gather":
         if step >= P:
             # One collective straight into the flat buffer (input copied: in-place aliasing is backend-specific).
-            _all_gather_single(flat, flat[rank * P : (rank + 1) * P].clone(), group)
+            all_gather_single(flat, flat[rank * P : (rank + 1) * P].clone(), group)
             return
         for a in range(0, P, step):
             b = min(P, a + step)
@@ -156,5 +159,4 @@ def launch_gather(
         ]
     # all_gather (and all_reduce, which has no advantage for a fetch): one collective into the buffer.
     mine = flat[rank * P : (rank + 1) * P].clone()
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return [fn(flat, mine, group=group, async_op=True), mine]
+    return [all_gather_single(flat, mine, group, async_op=True), mine]

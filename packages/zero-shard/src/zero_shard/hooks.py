@@ -77,10 +77,12 @@ def _wrap_outputs(output: Any, callback: Callable[[], None]) -> Any:
 
 
 def install_module_hooks(
-    root: nn.Module, units_of: dict[nn.Module, list[Unit]], coordinator: ParamCoordinator
+    root: nn.Module | None, units_of: dict[nn.Module, list[Unit]], coordinator: ParamCoordinator
 ) -> list[Any]:
-    """Register the fetch/release hooks on every module that holds partitioned parameters; returns handles."""
-    handles = [root.register_forward_pre_hook(lambda m, a: coordinator.start_iteration())]
+    """Register the fetch/release hooks on every module that holds partitioned parameters; returns handles.
+
+    ``root``'s forward starts a new iteration of the trace (None: add module hooks only)."""
+    handles = [] if root is None else [root.register_forward_pre_hook(lambda m, a: coordinator.start_iteration())]
     for module, units in units_of.items():
         name = coordinator.module_names.get(module, type(module).__name__)
 

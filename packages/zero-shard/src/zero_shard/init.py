@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from zero_shard.comm import all_gather_single
+
 __all__ = ["GatheredParameters", "Init", "materialize_partitioned", "register_external_parameter"]
 
 
@@ -36,11 +38,6 @@ def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
-
-
-def _all_gather(out: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup | None) -> None:
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    fn(out, inp, group=group)
 
 
 def _is_partitioned(p: torch.Tensor) -> bool:
@@ -72,7 +69,7 @@ def _unpartition_param(p: nn.Parameter) -> None:
     piece = p.ds_tensor  # type: ignore[attr-defined]
     full = torch.empty(piece.numel() * world, dtype=piece.dtype, device=piece.device)
     if world > 1:
-        _all_gather(full, piece, group)
+        all_gather_single(full, piece, group)
     else:
         full.copy_(piece)
     p.data = full[: p.ds_numel].view(p.ds_shape)  # type: ignore[attr-defined]

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from amp_scaler import StaticLossScaler, global_grad_norm, unscale_and_clip_
+from amp_scaler import StaticLossScaler, clip_factor, global_grad_norm, unscale_and_clip_
 from zero_shard.comm import CollectiveChoice, choose_collectives, gather_partitions
 from zero_shard.config import ZeroConfig
 from zero_shard.flat_buffer import FlatLayout
@@ -238,6 +238,7 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         )
         self._boundary = True
         self.last_step_sub_groups = 1  # how many pieces the last step went in (stage 3 sub_group_size)
+        self._partition_numel = sum(m.numel() for m in self.masters)  # fixed: the layouts never change
         self._global_grad_norm: float | None = None
         self.global_steps = 0
         self._init_torch_optimizer()
@@ -262,7 +263,7 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
             raise ValueError("ZeroShardedOptimizer.step does not take a closure")
         if self.coordinator is not None:
             self.coordinator.release_all()
-            if sum(m.numel() for m in self.masters) > self.config.sub_group_size:
+            if self._partition_numel > self.config.sub_group_size:
                 return self._step_in_sub_groups()
         # A 16-bit stage-2 partition is upcast for the step only: unscaling fp16 gradients in fp16 would
         # flush the small ones to zero, and the inner optimizer wants fp32 gradients for fp32 masters.
@@ -306,11 +307,7 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         if found_inf:
             self.reducer.zero_grad()
             return False
-        factor = inv
-        if self.gradient_clipping > 0:
-            # torch's clip coefficient in fp32 tensor math, as amp_scaler.unscale_and_clip_ computes it.
-            coef = torch.clamp(self.gradient_clipping / (torch.tensor(total, dtype=torch.float32) + 1e-6), max=1.0)
-            factor = float((coef * inv).item())
+        factor = clip_factor(total, self.gradient_clipping, inv)
         limit = max(1, int(self.config.sub_group_size))
         start = 0
         self.last_step_sub_groups = 0

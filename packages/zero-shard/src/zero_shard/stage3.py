@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from zero_shard.comm import ParamCollective
+from zero_shard.comm import ParamCollective, all_gather_single
 from zero_shard.flat_buffer import FlatLayout, full_shape
 from zero_shard.hooks import in_backward, install_module_hooks
 from zero_shard.partition import Unit, UnitGatherError
@@ -203,7 +203,8 @@ class ParamCoordinator:
                 self.units_of[module].append(unit)
             return
         self.units_of[module] = [unit]
-        self._handles += install_module_hooks_for(module, self)
+        # Only the module's own pair: its forward must not start a new iteration of the root's trace.
+        self._handles += install_module_hooks(None, {module: self.units_of[module]}, self)
 
     def remove_hooks(self) -> None:
         """Detach from the model."""
@@ -262,8 +263,7 @@ class ParamCoordinator:
         mine[1 : len(units) + 1] = torch.tensor([u.index for u in units], dtype=torch.int64)
         every = torch.empty(self.world_size * (_CHECK_SLOTS + 1), dtype=torch.int64, device=device)
         try:
-            fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-            fn(every, mine, group=self.group)
+            all_gather_single(every, mine, self.group)
         except Exception as e:
             raise UnitGatherError(
                 f"rank {self.rank}: ZeRO-3 could not agree with the other ranks before gathering the parameters "
@@ -283,17 +283,6 @@ class ParamCoordinator:
 
     def _unit_name(self, index: int) -> str:
         return self.units[index].name if 0 <= index < len(self.units) else f"<unit {index}>"
-
-
-def install_module_hooks_for(module: nn.Module, coordinator: ParamCoordinator) -> list[Any]:
-    """Hooks for one module added after the engine was built (see :meth:`ParamCoordinator.add_external`)."""
-    from zero_shard.hooks import install_module_hooks as _install
-
-    # The root hook of _install would start a new iteration on this module's forward: register only the
-    # module's own pair by passing it as root and dropping the first handle.
-    handles = _install(module, {module: coordinator.units_of[module]}, coordinator)
-    handles[0].remove()
-    return handles[1:]
 
 
 def build_units(
