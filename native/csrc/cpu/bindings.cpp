@@ -21,6 +21,9 @@
 
 namespace nb = nanobind;
 
+// onebit_bindings.cpp: the 1-bit compression kernels.
+void bind_onebit(nb::module_& m);
+
 using CpuArray = nb::ndarray<nb::device::cpu, nb::c_contig, nb::ro>;
 // Buffers updated in place: exact dtype, contiguous, never a converted copy
 // (the bindings that take them use .noconvert()).
@@ -190,4 +193,6 @@ NB_MODULE(_ds_native_cpu, m) {
       nb::arg("a").noconvert(), nb::arg("b").noconvert(), nb::arg("c").noconvert(), nb::arg("d").noconvert(),
       nb::arg("num_threads") = 0,
       "Bandwidth probe with Adam's access shape: reads a, b, c, d, writes a, c, d (28 bytes per element).");
+
+  bind_onebit(m);
 }

@@ -219,3 +219,36 @@ def resume(rank: int, world: int, name: str, kw: dict[str, Any], save_at: int, s
     run(model2, opt2, save_at, steps)
     got = torch.cat([p.detach().reshape(-1) for p in model2.parameters()])
     return {"want": want.numpy(), "got": got.numpy(), "state_keys": keys}
+
+
+def fused_vs_torch_rounds(rank: int, world: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The collective on ds-native's fused kernels and on torch ops, side by side, over a few rounds.
+
+    Sizes of several 64 Ki pieces per chunk, fp32 and bf16 (decoded into a scratch buffer, then cast).
+    Also checks that ``fused=True`` refuses a float64 tensor with an error naming what it needs.
+    """
+    out = []
+    for shape, dtype in (((300_001,), torch.float32), ((513, 257), torch.bfloat16)):
+        n = int(torch.Size(shape).numel())
+        bufs = {f: error_buffers(n, world) for f in (True, False)}
+        for rnd in range(3):
+            x = make_input(rank, 7, rnd, shape).to(dtype)
+            pair = []
+            for f in (True, False):
+                y = x.clone()
+                compressed_allreduce(y, *bufs[f], fused=f)
+                pair.append(
+                    {
+                        "result": y.float().numpy().copy(),
+                        "worker_error": bufs[f][0].numpy().copy(),
+                        "server_error": bufs[f][1].numpy().copy(),
+                    }
+                )
+            out.append(tuple(pair))
+    try:
+        compressed_allreduce(torch.zeros(8, dtype=torch.float64), *error_buffers(8, world), fused=True)
+    except ValueError as e:
+        assert "fused=True" in str(e)
+    else:
+        raise AssertionError("fused=True accepted a float64 tensor")
+    return out

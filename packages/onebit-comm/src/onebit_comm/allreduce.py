@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from onebit_comm import fused as _fused
 from onebit_comm.compress import (
+    _WS,
     chunk_numel,
     compress_chunks_,
     compressed_bytes,
@@ -108,6 +110,7 @@ def compressed_allreduce(
     group: dist.ProcessGroup | None = None,
     *,
     stats: CommStats | None = None,
+    fused: bool | None = None,
 ) -> torch.Tensor:
     """Average ``tensor`` over ``group`` with 1-bit compression and error feedback; in place, returned.
 
@@ -116,41 +119,70 @@ def compressed_allreduce(
     ``server_error`` (from :func:`error_buffers`) carry the compression errors between calls and are
     updated in place: keep one pair per tensor, per rank. The result is the same on every rank. On
     a single process it returns ``tensor`` unchanged (the average of one).
+
+    ``fused``: None (default) uses ds-native's fused CPU kernels where they apply (CPU fp32/bf16/fp16
+    tensors, :mod:`onebit_comm.fused`) and torch ops elsewhere; False forces the torch ops; True
+    requires the kernels. Both give bitwise the same result, error buffers and bytes.
     """
     rank, w = _world(group)
     n = tensor.numel()
     if w == 1 or n == 0:
         return tensor
     _check_buffers(tensor, worker_error, server_error, w)
-    c8 = chunk_numel(n, w) // 8
-    packed, scales = compress_chunks_(tensor, worker_error, n, w)
-
-    # Phase 1: chunk j (its sign bytes, then its scale's 4 bytes) goes to rank j.
-    send = torch.empty(w, c8 + 4, dtype=torch.uint8, device=tensor.device)
-    send[:, :c8] = packed
-    send[:, c8:] = _scale_bytes(scales)
-    recv = torch.empty_like(send)
-    try:
-        dist.all_to_all_single(recv, send, group=group)
-    except RuntimeError as e:
-        raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: phase 1 all_to_all_single failed: {e}") from e
-    mine, scale = server_average(recv[:, :c8], _bytes_scale(recv[:, c8:]), server_error, valid_counts(n, w)[rank])
-
-    # Phase 2: every rank collects every owner's recompressed chunk.
-    msg = torch.empty(c8 + 4, dtype=torch.uint8, device=tensor.device)
-    msg[:c8] = mine
-    msg[c8:] = _scale_bytes(scale).view(-1)
-    out = torch.empty(w * (c8 + 4), dtype=torch.uint8, device=tensor.device)
-    try:
-        _all_gather(out, msg, group=group)
-    except RuntimeError as e:
-        raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: phase 2 all_gather failed: {e}") from e
-    out = out.view(w, c8 + 4)
+    use_fused = _fused.usable(tensor) if fused is None else bool(fused)
+    if use_fused and not _fused.usable(tensor):
+        raise ValueError(
+            f"compressed_allreduce(fused=True): needs a CPU fp32/bf16/fp16 tensor and a ds-native with the 1-bit "
+            f"kernels (got {tensor.device}, {tensor.dtype}); pass fused=None to fall back to torch ops"
+        )
+    c = chunk_numel(n, w)
+    c8 = c // 8
+    valid = valid_counts(n, w)
+    # Message buffers are reused from call to call (see compress.py, [Note: why scratch buffers]):
+    # a fresh one costs page faults on first touch. Row j of `send` goes to rank j: sign bytes, then
+    # the 4 bytes of its scale, so each chunk is one message.
+    send = _WS.get("send", w * (c8 + 4), torch.uint8, tensor.device).view(w, c8 + 4)
+    recv = _WS.get("recv", w * (c8 + 4), torch.uint8, tensor.device).view(w, c8 + 4)
+    msg = _WS.get("msg", c8 + 4, torch.uint8, tensor.device)
+    out = _WS.get("gather", w * (c8 + 4), torch.uint8, tensor.device)
     with torch.no_grad():
-        if tensor.dtype == torch.float32 and tensor.is_contiguous() and n == padded_numel(n, w):
-            decode_chunks(out[:, :c8], _bytes_scale(out[:, c8:]), n, out=tensor.view(-1))  # straight in
+        if use_fused:
+            scales = _fused.compress_into_(tensor.detach(), worker_error, valid, send)
         else:
-            tensor.copy_(decode_chunks(out[:, :c8], _bytes_scale(out[:, c8:]), n).view(tensor.shape))
+            packed, scales = compress_chunks_(tensor.detach(), worker_error, n, w)
+            send[:, :c8] = packed
+        send[:, c8:] = _scale_bytes(scales)
+
+        # Phase 1: chunk j goes to rank j.
+        try:
+            dist.all_to_all_single(recv, send, group=group)
+        except RuntimeError as e:
+            raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: phase 1 all_to_all_single failed: {e}") from e
+        got = _bytes_scale(recv[:, c8:])
+        if use_fused:
+            scale = _fused.server_into_(recv, got, server_error, valid[rank], msg.view(1, -1))
+        else:
+            mine, scale = server_average(recv[:, :c8], got, server_error, valid[rank])
+            msg[:c8] = mine
+        msg[c8:] = _scale_bytes(scale).view(-1)
+
+        # Phase 2: every rank collects every owner's recompressed chunk.
+        try:
+            _all_gather(out, msg, group=group)
+        except RuntimeError as e:
+            raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: phase 2 all_gather failed: {e}") from e
+        rows = out.view(w, c8 + 4)
+        final = _bytes_scale(rows[:, c8:])
+        straight = tensor.dtype == torch.float32 and tensor.is_contiguous()
+        if use_fused:
+            dst = tensor.view(-1) if straight else _WS.get("f32", n, torch.float32, tensor.device)
+            _fused.decode_into(rows, final, c, dst)
+            if not straight:
+                tensor.copy_(dst.view(tensor.shape))
+        elif straight and n == padded_numel(n, w):
+            decode_chunks(rows[:, :c8], final, n, out=tensor.view(-1))  # straight in
+        else:
+            tensor.copy_(decode_chunks(rows[:, :c8], final, n).view(tensor.shape))
     if stats is not None:
         # Counted from the buffers actually handed to the collectives: phase 1 sends every row but
         # this rank's own; phase 2 delivers this rank's message to each of the W-1 others.

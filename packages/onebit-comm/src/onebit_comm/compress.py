@@ -18,9 +18,12 @@ result: a chunk's scale is the root-mean-square over its *real* elements only
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
+
+from ds_native import onebit as _ds_onebit
 
 __all__ = [
     "chunk_numel",
@@ -32,7 +35,9 @@ __all__ = [
     "pack_signs",
     "padded_numel",
     "reference_compressed_allreduce",
+    "scales_from_sum_squares",
     "server_average",
+    "server_weights",
     "unpack_signs",
     "valid_counts",
 ]
@@ -144,10 +149,31 @@ def decode_row(packed: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | No
     return out
 
 
-def _scales(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-row RMS over the real elements: ``||row|| / sqrt(valid)``; 0 for an all-padding row."""
+def scales_from_sum_squares(sumsq: list[float], valid: list[int]) -> torch.Tensor:
+    """Per-row RMS over the real elements, ``sqrt(sumsq / valid)`` in double rounded to fp32; 0 for no real element.
+
+    The one place the scale is computed from a sum of squares, shared by the torch path and the fused
+    ds-native path (:mod:`onebit_comm.fused`), so both send the same bits.
+    """
+    return torch.tensor(
+        [math.sqrt(s / v) if v > 0 else 0.0 for s, v in zip(sumsq, valid, strict=True)], dtype=torch.float32
+    )
+
+
+def _scales(x: torch.Tensor, valid: list[int]) -> torch.Tensor:
+    """Per-row RMS over the real elements of ``x`` ``[rows, C]`` (padding is zero); 0 for an all-padding row.
+
+    [Note: the scale's reduction] On CPU the sum of squares is ds-native's (fp32 squares, double
+    accumulation over fixed 64 Ki pieces): the fused kernels compute exactly that sum in the same pass
+    that writes the values, so the torch path and the fused path agree bit for bit. Elsewhere (CUDA)
+    it is torch's ``vector_norm``; those tensors never take the fused path.
+    """
+    if x.device.type == "cpu":
+        sumsq = [_ds_onebit.sum_squares(row) for row in x]
+        return scales_from_sum_squares(sumsq, valid)
     norms = torch.linalg.vector_norm(x, dim=-1)
-    return torch.where(valid > 0, norms / valid.clamp(min=1).sqrt(), torch.zeros_like(norms))
+    v = torch.tensor(valid, dtype=torch.float32, device=x.device)
+    return torch.where(v > 0, norms / v.clamp(min=1).sqrt(), torch.zeros_like(norms))
 
 
 def _zero_padding_(x: torch.Tensor, numel: int) -> None:
@@ -169,8 +195,7 @@ def compress_chunks_(
     """
     error[:numel].add_(x.reshape(-1))
     rows = error.view(world_size, -1)
-    valid = torch.tensor(valid_counts(numel, world_size), dtype=torch.float32, device=error.device)
-    scales = _scales(rows, valid)
+    scales = _scales(rows, valid_counts(numel, world_size)).to(error.device)
     packed = pack_signs(rows)
     tmp = _WS.get("f32", rows.shape[1], torch.float32, error.device)
     for j in range(world_size):
@@ -178,6 +203,11 @@ def compress_chunks_(
         rows[j].sub_(decode_row(packed[j], scales[j], out=tmp))
     _zero_padding_(error, numel)
     return packed, scales
+
+
+def server_weights(scales: torch.Tensor) -> torch.Tensor:
+    """The received scales divided by W (fp32): the average's per-rank weights, shared with the fused path."""
+    return scales / scales.numel()
 
 
 def server_average(
@@ -192,12 +222,13 @@ def server_average(
     w, c = packed.shape[0], packed.shape[1] * 8
     tmp = _WS.get("f32", 2 * c, torch.float32, server_error.device)
     avg, other = tmp[:c], tmp[c:]
-    decode_row(packed[0], scales[0] / w, out=avg)
+    weighted = server_weights(scales)
+    decode_row(packed[0], weighted[0], out=avg)
     for r in range(1, w):  # rank order, the same on every rank and in the reference
-        avg.add_(decode_row(packed[r], scales[r] / w, out=other))
+        avg.add_(decode_row(packed[r], weighted[r], out=other))
     _zero_padding_(avg, valid)
     server_error.add_(avg)
-    scale = _scales(server_error.unsqueeze(0), torch.tensor([float(valid)], device=avg.device))
+    scale = _scales(server_error.unsqueeze(0), [valid]).to(avg.device)
     out = pack_signs(server_error)
     server_error.sub_(decode_row(out, scale, out=avg))
     _zero_padding_(server_error, valid)

@@ -1,0 +1,53 @@
+// 1-bit compression kernels for onebit-comm's compressed all-reduce (host side
+// in onebit_dispatch.cpp, per-ISA bodies in onebit_isa.cpp).
+//
+// Layout (onebit_comm.compress, [Note: the padded layout]): a padded flat fp32
+// buffer of `rows` rows of `row_len` elements (a multiple of 8); signs packed 8
+// per byte, most significant bit first, bit 1 for x >= 0; one scale per row.
+// Every function does element-wise the same IEEE operations, in the same order,
+// as the torch implementation in onebit_comm.compress, so results are bitwise
+// equal to it; sums of squares are multi_tensor_sum_squares' (64 Ki pieces from
+// the row start, per-piece partials added in order), independent of threads.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "cpu/dispatch.h"
+
+namespace ds {
+
+// err[i] += x[i] for i < numel (x of dtype x_dtype, converted exactly to fp32);
+// returns, per row of err viewed as [rows, row_len], the sum of squares.
+std::vector<double> onebit_compensate(const void* x, DType x_dtype, float* err, int64_t numel, int64_t rows,
+                                      int64_t row_len, int num_threads);
+
+// Per row j: out[j * out_stride + k] = packed signs of err row j; then
+// err row j -= scales[j] * sign, and err row j [valid[j]:] = 0.
+void onebit_pack(float* err, int64_t rows, int64_t row_len, uint8_t* out, int64_t out_stride,
+                 const std::vector<float>& scales, const std::vector<int64_t>& valid, int num_threads);
+
+// Server side of one chunk: avg = sum over r (in order) of scales[r] * sign(bits row r),
+// avg[valid:] = 0, server_err += avg. Returns the sum of squares of server_err.
+double onebit_server(const uint8_t* bits, int64_t bits_stride, const std::vector<float>& scales, float* server_err,
+                     int64_t row_len, int64_t valid, int num_threads);
+
+// out[j * row_len + i] = scales[j] * sign(bits row j, element i), for flat indices < numel.
+void onebit_decode(const uint8_t* bits, int64_t bits_stride, const std::vector<float>& scales, int64_t row_len,
+                   float* out, int64_t numel, int num_threads);
+
+}  // namespace ds
+
+// Per-ISA bodies on one piece (onebit_isa.cpp); n is a multiple of 8 except in
+// decode_piece and compensate_piece.
+#define DS_DECLARE_ONEBIT_KERNELS(ns)                                                                      \
+  namespace ds::ns {                                                                                       \
+  void onebit_add_piece(const void* x, ds::DType x_dtype, float* err, int64_t n);                          \
+  void onebit_pack_piece(float* err, uint8_t* out, int64_t n, float scale, int64_t valid);                \
+  void onebit_server_piece(const uint8_t* const* bits, const float* scales, int64_t w, float* se,          \
+                           int64_t n, int64_t valid);                                                      \
+  void onebit_decode_piece(const uint8_t* bits, float scale, float* out, int64_t n);                      \
+  }
+
+DS_DECLARE_ONEBIT_KERNELS(scalar)
+DS_DECLARE_ONEBIT_KERNELS(avx2)
+DS_DECLARE_ONEBIT_KERNELS(avx512)

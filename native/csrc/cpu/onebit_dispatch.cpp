@@ -1,0 +1,127 @@
+// Host side of the 1-bit kernels: pieces, threads, ISA choice (see onebit.h).
+#include <omp.h>
+
+#include <stdexcept>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/onebit.h"
+
+namespace ds {
+namespace {
+
+// The piece multi_tensor_sum_squares sums separately (dispatch.cpp's kChunk):
+// partial sums over the same pieces, added in the same order, give bitwise its
+// result. Also a multiple of 16 elements, so vector loops never straddle pieces.
+constexpr int64_t kPiece = 1 << 16;
+
+struct Kernels {
+  void (*add)(const void*, DType, float*, int64_t);
+  void (*pack)(float*, uint8_t*, int64_t, float, int64_t);
+  void (*server)(const uint8_t* const*, const float*, int64_t, float*, int64_t, int64_t);
+  void (*decode)(const uint8_t*, float, float*, int64_t);
+  double (*sumsq)(const float*, int64_t);
+};
+
+Kernels pick() {
+#define DS_ONEBIT(ns)                                                                            \
+  Kernels {                                                                                      \
+    &ns::onebit_add_piece, &ns::onebit_pack_piece, &ns::onebit_server_piece, &ns::onebit_decode_piece, \
+        &ns::sum_squares_f32                                                                     \
+  }
+  switch (active_isa()) {
+#if defined(__x86_64__) || defined(_M_X64)
+    case Isa::avx512: return DS_ONEBIT(avx512);
+    case Isa::avx2: return DS_ONEBIT(avx2);
+#endif
+    default: return DS_ONEBIT(scalar);
+  }
+#undef DS_ONEBIT
+}
+
+int threads_for(int num_threads, int64_t items) {
+  const int t = num_threads > 0 ? num_threads : omp_get_max_threads();
+  return items > 1 ? t : 1;
+}
+
+int64_t pieces_in(int64_t n) { return (n + kPiece - 1) / kPiece; }
+
+}  // namespace
+
+std::vector<double> onebit_compensate(const void* x, DType x_dtype, float* err, int64_t numel, int64_t rows,
+                                      int64_t row_len, int num_threads) {
+  const Kernels k = pick();
+  const int64_t per_row = pieces_in(row_len);
+  const int64_t count = rows * per_row;
+  const int64_t xsize = x_dtype == DType::f32 ? 4 : 2;
+  std::vector<double> partial(static_cast<size_t>(count), 0.0);
+  const int threads = threads_for(num_threads, count);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t start = (p / per_row) * row_len + (p % per_row) * kPiece;
+    const int64_t end = start + kPiece < (p / per_row + 1) * row_len ? start + kPiece : (p / per_row + 1) * row_len;
+    const int64_t stop = end < numel ? end : numel;
+    if (stop > start) k.add(static_cast<const char*>(x) + start * xsize, x_dtype, err + start, stop - start);
+    // The piece is still in cache: its sum of squares costs no second trip to memory.
+    partial[p] = k.sumsq(err + start, end - start);
+  }
+  std::vector<double> out(static_cast<size_t>(rows), 0.0);
+  for (int64_t p = 0; p < count; ++p) out[p / per_row] += partial[p];
+  return out;
+}
+
+void onebit_pack(float* err, int64_t rows, int64_t row_len, uint8_t* out, int64_t out_stride,
+                 const std::vector<float>& scales, const std::vector<int64_t>& valid, int num_threads) {
+  if (static_cast<int64_t>(scales.size()) != rows || static_cast<int64_t>(valid.size()) != rows)
+    throw std::invalid_argument("onebit_pack: one scale and one valid count per row");
+  const Kernels k = pick();
+  const int64_t per_row = pieces_in(row_len);
+  const int64_t count = rows * per_row;
+  const int threads = threads_for(num_threads, count);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t j = p / per_row, off = (p % per_row) * kPiece;
+    const int64_t n = off + kPiece < row_len ? kPiece : row_len - off;
+    k.pack(err + j * row_len + off, out + j * out_stride + off / 8, n, scales[j], valid[j] - off);
+  }
+}
+
+double onebit_server(const uint8_t* bits, int64_t bits_stride, const std::vector<float>& scales, float* server_err,
+                     int64_t row_len, int64_t valid, int num_threads) {
+  const Kernels k = pick();
+  const int64_t w = static_cast<int64_t>(scales.size());
+  const int64_t count = pieces_in(row_len);
+  std::vector<double> partial(static_cast<size_t>(count), 0.0);
+  const int threads = threads_for(num_threads, count);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t off = p * kPiece;
+    const int64_t n = off + kPiece < row_len ? kPiece : row_len - off;
+    std::vector<const uint8_t*> rows(static_cast<size_t>(w));
+    for (int64_t r = 0; r < w; ++r) rows[r] = bits + r * bits_stride + off / 8;
+    k.server(rows.data(), scales.data(), w, server_err + off, n, valid - off);
+    partial[p] = k.sumsq(server_err + off, n);
+  }
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
+}
+
+void onebit_decode(const uint8_t* bits, int64_t bits_stride, const std::vector<float>& scales, int64_t row_len,
+                   float* out, int64_t numel, int num_threads) {
+  const Kernels k = pick();
+  const int64_t rows = static_cast<int64_t>(scales.size());
+  const int64_t per_row = pieces_in(row_len);
+  const int64_t count = rows * per_row;
+  const int threads = threads_for(num_threads, count);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t j = p / per_row, off = (p % per_row) * kPiece;
+    const int64_t start = j * row_len + off;
+    int64_t n = off + kPiece < row_len ? kPiece : row_len - off;
+    if (start + n > numel) n = numel - start;
+    if (n > 0) k.decode(bits + j * bits_stride + off / 8, scales[j], out + start, n);
+  }
+}
+
+}  // namespace ds

@@ -1,0 +1,140 @@
+"""Torch-facing wrappers of the fused 1-bit compression kernels (onebit-comm's compressed all-reduce).
+
+Each function is one pass over its buffers, OpenMP threads over 64 Ki-element pieces, and does per
+element the same IEEE operations as the torch implementation in ``onebit_comm.compress``, so its
+results are bitwise equal to it (tested there). Sums of squares are :func:`sum_squares`'s: pieces of
+64 Ki elements from the start of each row, partials added in a fixed order, so they do not depend on
+the thread count.
+
+Layout: a flat fp32 buffer viewed as ``rows`` rows of ``row_len`` elements (a multiple of 8); signs
+packed 8 per byte, most significant bit first, bit 1 for ``x >= 0``; one fp32 scale per row. A
+"bits" argument is a uint8 tensor ``[rows, >= row_len / 8]`` whose rows may be longer than the sign
+bytes (a message row: sign bytes, then the scale's 4 bytes): only its row stride matters.
+
+CPU tensors only; the caller (onebit-comm) uses torch ops on other devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ds_native import _ds_native_cpu
+
+__all__ = ["available", "compensate_", "decode", "pack_", "server_accumulate_", "sum_squares"]
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # ds::DType
+
+
+def available() -> bool:
+    """Whether this build of ds-native has the 1-bit kernels."""
+    return hasattr(_ds_native_cpu, "onebit_pack")
+
+
+def _threads(num_threads: int | None) -> int:
+    return torch.get_num_threads() if num_threads is None else int(num_threads)
+
+
+def _check(t: torch.Tensor, name: str, dtype: torch.dtype | None, numel: int | None = None) -> None:
+    if t.device.type != "cpu":
+        raise ValueError(f"ds_native.onebit: {name} must be a CPU tensor, got {t.device}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"ds_native.onebit: {name} must be {dtype}, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"ds_native.onebit: {name} must be contiguous")
+    if numel is not None and t.numel() != numel:
+        raise ValueError(f"ds_native.onebit: {name} must have {numel} elements, got {t.numel()}")
+
+
+def _check_bits(bits: torch.Tensor, rows: int, row_len: int) -> int:
+    """Validate a ``[rows, >= row_len/8]`` uint8 view with unit inner stride; returns its row stride."""
+    if bits.device.type != "cpu" or bits.dtype != torch.uint8 or bits.dim() != 2:
+        raise ValueError("ds_native.onebit: bits must be a 2-D uint8 CPU tensor")
+    if bits.shape[0] != rows or bits.shape[1] < row_len // 8 or (bits.shape[1] > 1 and bits.stride(1) != 1):
+        raise ValueError(
+            f"ds_native.onebit: bits must be [{rows}, >= {row_len // 8}] with unit inner stride, "
+            f"got {list(bits.shape)} strides {bits.stride()}"
+        )
+    return bits.stride(0) if rows > 1 else row_len // 8
+
+
+def sum_squares(x: torch.Tensor, num_threads: int | None = None) -> float:
+    """Sum of squares of a contiguous CPU fp32/bf16/fp16 tensor (fp32 squares, double accumulation).
+
+    Bitwise what the fused kernels compute for one row (see the module docstring).
+    """
+    _check(x, "x", None)
+    if x.numel() == 0:
+        return 0.0
+    return _ds_native_cpu.multi_tensor_sum_squares([x.detach()], _threads(num_threads))
+
+
+def compensate_(x: torch.Tensor, err: torch.Tensor, rows: int, num_threads: int | None = None) -> list[float]:
+    """``err[:x.numel()] += x`` (x fp32/bf16/fp16, contiguous), then each row's sum of squares of ``err``.
+
+    ``err`` is fp32 ``[rows * row_len]``, contiguous.
+    """
+    _check(x, "x", None)
+    if x.dtype not in _DTYPE_CODE:
+        raise TypeError(f"ds_native.onebit.compensate_: x must be fp32, bf16 or fp16, got {x.dtype}")
+    _check(err, "err", torch.float32)
+    if err.numel() % rows or x.numel() > err.numel():
+        raise ValueError(f"ds_native.onebit.compensate_: err ({err.numel()}) must be rows x row_len >= x.numel()")
+    return _ds_native_cpu.onebit_compensate(
+        x.data_ptr(), _DTYPE_CODE[x.dtype], err.data_ptr(), x.numel(), rows, err.numel() // rows, _threads(num_threads)
+    )
+
+
+def pack_(
+    err: torch.Tensor,
+    rows: int,
+    out: torch.Tensor,
+    scales: Sequence[float],
+    valid: Sequence[int],
+    num_threads: int | None = None,
+) -> None:
+    """Per row ``j`` of ``err`` (fp32 ``[rows * row_len]``): its signs into ``out[j]``, then
+    ``err_j -= scales[j] * sign`` and ``err_j[valid[j]:] = 0``. ``out``: uint8 ``[rows, >= row_len/8]``."""
+    _check(err, "err", torch.float32)
+    row_len = err.numel() // rows
+    if len(scales) != rows or len(valid) != rows:
+        raise ValueError("ds_native.onebit.pack_: one scale and one valid count per row")
+    stride = _check_bits(out, rows, row_len)
+    _ds_native_cpu.onebit_pack(
+        err.data_ptr(), rows, row_len, out.data_ptr(), stride, list(scales), list(valid), _threads(num_threads)
+    )
+
+
+def server_accumulate_(
+    bits: torch.Tensor, scales: Sequence[float], server_err: torch.Tensor, valid: int, num_threads: int | None = None
+) -> float:
+    """``server_err += sum_r scales[r] * sign(bits[r])`` (rows added in order; zero past ``valid``).
+
+    ``bits`` uint8 ``[W, >= C/8]``, ``server_err`` fp32 ``[C]``. Returns the sum of squares of ``server_err``.
+    """
+    _check(server_err, "server_err", torch.float32)
+    stride = _check_bits(bits, len(scales), server_err.numel())
+    return _ds_native_cpu.onebit_server(
+        bits.data_ptr(),
+        stride,
+        list(scales),
+        server_err.data_ptr(),
+        server_err.numel(),
+        int(valid),
+        _threads(num_threads),
+    )
+
+
+def decode(
+    bits: torch.Tensor, scales: Sequence[float], row_len: int, out: torch.Tensor, num_threads: int | None = None
+) -> torch.Tensor:
+    """``out`` (fp32, contiguous, at most ``W * row_len`` elements) := ``scales[j] * sign`` of row ``j``'s bits."""
+    _check(out, "out", torch.float32)
+    stride = _check_bits(bits, len(scales), row_len)
+    if out.numel() > len(scales) * row_len:
+        raise ValueError(f"ds_native.onebit.decode: out has {out.numel()} elements, more than W x row_len")
+    _ds_native_cpu.onebit_decode(
+        bits.data_ptr(), stride, list(scales), row_len, out.data_ptr(), out.numel(), _threads(num_threads)
+    )
+    return out

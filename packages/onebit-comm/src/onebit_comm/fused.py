@@ -1,0 +1,63 @@
+"""The arithmetic of :mod:`onebit_comm.compress` through ds-native's fused CPU kernels, one pass per step.
+
+Where the torch path makes several passes over each buffer (add the error, reduce, compare, pack,
+decode, subtract, zero the padding), each function here is one pass (plus, for the worker side, the
+sum of squares taken while the piece is still in cache) and writes its signs straight into the
+message buffer the collective sends. Per element the operations are the torch path's, in the same
+order, and the scales come from the same sums of squares (see compress.py, [Note: the scale's
+reduction]): results, error buffers and bytes on the wire are bitwise those of the torch path
+(tests/test_fused.py).
+
+Used by :func:`onebit_comm.compressed_allreduce` for CPU tensors of fp32/bf16/fp16 when the installed
+ds-native has the kernels (:func:`usable`); everything else takes the torch path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ds_native import onebit as _k
+from onebit_comm.compress import scales_from_sum_squares, server_weights
+
+__all__ = ["compress_into_", "decode_into", "server_into_", "usable"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def usable(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` can take the fused path: CPU, fp32/bf16/fp16, and kernels in this ds-native."""
+    return tensor.device.type == "cpu" and tensor.dtype in _DTYPES and _k.available()
+
+
+def compress_into_(x: torch.Tensor, error: torch.Tensor, valid: list[int], bits: torch.Tensor) -> torch.Tensor:
+    """Worker side (:func:`onebit_comm.compress.compress_chunks_`): ``error += x``, compress per chunk.
+
+    ``bits`` is uint8 ``[W, >= C/8]`` (a message buffer's sign columns: row ``j`` goes to rank ``j``);
+    ``error`` is left holding what the compression lost. Returns the W fp32 scales.
+    """
+    w = len(valid)
+    flat = x.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    scales = scales_from_sum_squares(_k.compensate_(flat, error, w), valid)
+    _k.pack_(error, w, bits, scales.tolist(), valid)
+    return scales
+
+
+def server_into_(
+    bits: torch.Tensor, scales: torch.Tensor, server_error: torch.Tensor, valid: int, out_bits: torch.Tensor
+) -> torch.Tensor:
+    """Server side (:func:`onebit_comm.compress.server_average`) for this rank's chunk.
+
+    ``bits`` uint8 ``[W, >= C/8]`` (row ``r`` from rank ``r``), ``scales`` their fp32 ``[W]``. Writes the
+    recompressed chunk's signs into ``out_bits`` (uint8 ``[1, >= C/8]``) and returns its scale (fp32 ``[1]``).
+    """
+    sumsq = _k.server_accumulate_(bits, server_weights(scales).tolist(), server_error, valid)
+    scale = scales_from_sum_squares([sumsq], [valid])
+    _k.pack_(server_error, 1, out_bits, scale.tolist(), [valid])
+    return scale
+
+
+def decode_into(bits: torch.Tensor, scales: torch.Tensor, chunk: int, out: torch.Tensor) -> torch.Tensor:
+    """All chunks decoded (:func:`onebit_comm.compress.decode_chunks`) into ``out``, fp32 contiguous, padding dropped."""
+    return _k.decode(bits, scales.tolist(), chunk, out)
