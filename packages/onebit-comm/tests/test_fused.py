@@ -40,12 +40,26 @@ def _input(n: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tenso
     return x
 
 
-@pytest.mark.parametrize("w", [2, 3])
-@pytest.mark.parametrize("n", [200_003, 131_072 * 2])  # rows of several pieces; with and without padding
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("threads", [1, 2])
+# (world size, elements, input dtype, threads): rows of several 64 Ki pieces, with and without padding.
+WORKER_CASES = [
+    (2, 200_003, torch.float32, 1),
+    (3, 200_003, torch.bfloat16, 2),
+    (2, 131_072 * 2, torch.float16, 1),
+    (3, 131_072 * 2, torch.float32, 2),
+]
+
+
+@pytest.mark.parametrize(("w", "n", "dtype", "threads"), WORKER_CASES)
 def test_worker_side_is_bitwise_the_torch_path(isa: str, w: int, n: int, dtype: torch.dtype, threads: int) -> None:
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        _worker_case(w, n, dtype)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _worker_case(w: int, n: int, dtype: torch.dtype) -> None:
     c8 = C.chunk_numel(n, w) // 8
     err_t = torch.zeros(C.padded_numel(n, w))
     err_t[:n] = _input(n, 1) * 0.1  # an error buffer from an earlier round
