@@ -56,37 +56,22 @@ class OneBitAdam(CompressedOptimizer):
     ) -> None:
         if int(freeze_step) < 0:
             raise ValueError(f"OneBitAdam: freeze_step must be >= 0, got {freeze_step!r}")
-        defaults = dict(
+        super().__init__(
+            params,
+            name="OneBitAdam",
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             bias_correction=bias_correction,
-            max_grad_norm=max_grad_norm,
-            # Optimizer-wide settings too, so that rebuilding from .defaults (zero-all does that for an
-            # optimizer passed to initialize()) keeps them; the step reads the attributes set below.
-            freeze_step=int(freeze_step),
             eps_inside_sqrt=eps_inside_sqrt,
-        )
-        super().__init__(
-            params,
-            defaults,
-            name="OneBitAdam",
+            max_grad_norm=max_grad_norm,
+            amsgrad=amsgrad,
             cuda_aware=cuda_aware,
             comm_backend_name=comm_backend_name,
-            amsgrad=amsgrad,
             process_group=process_group,
+            settings={"freeze_step": int(freeze_step)},
         )
-        self.freeze_step = int(freeze_step)
-        self.eps_inside_sqrt = bool(eps_inside_sqrt)
-
-    def _next_step(self) -> int:
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st:
-                    return int(st["step"]) + 1
-        return 1
 
     def needs_averaged_gradients(self) -> bool:
         """True during warm-up (steps ``<= freeze_step``): the gradients must be averaged in full precision."""
@@ -99,38 +84,24 @@ class OneBitAdam(CompressedOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step (see the module docstring); gradients local, or averaged during warm-up."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         warm = self.needs_averaged_gradients()
-        for group in self.param_groups:
+        for group, p, grad in self._grads():
             b1, b2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("OneBitAdam does not support sparse gradients")
-                grad = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                if warm:
-                    grad = self._average_(grad)
-                    m.mul_(b1).add_(grad, alpha=1 - b1)
-                    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                else:
-                    m.mul_(b1).add_(grad, alpha=1 - b1)
-                    self._compressed_(p, m)
-                    mask = group.get("exp_avg_mask")
-                    if mask is not None:
-                        m.mul_(mask.to(m.device))
-                update = m / (v.sqrt() + group["eps"])
-                if group["weight_decay"] > 0.0:
-                    update.add_(p, alpha=group["weight_decay"])
-                p.add_(update, alpha=-group["lr"])
-                state["step"] += 1
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            if warm:
+                grad = self._average_(grad)
+                m.mul_(b1).add_(grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            else:
+                m.mul_(b1).add_(grad, alpha=1 - b1)
+                self._compressed_(p, m)
+                self._mask_(group, m)
+            self._adam_update_(p, m, v, group["lr"], group["eps"], group["weight_decay"])
+            state["step"] += 1
         return loss

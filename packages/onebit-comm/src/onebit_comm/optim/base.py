@@ -19,7 +19,7 @@ same number of ranks: loading them elsewhere is an error (see :meth:`load_rank_l
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -44,14 +44,27 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        defaults: dict[str, Any],
         *,
         name: str,
-        cuda_aware: bool = False,
-        comm_backend_name: str = "nccl",
-        amsgrad: bool = False,
-        process_group: dist.ProcessGroup | None = None,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        bias_correction: bool,
+        eps_inside_sqrt: bool,
+        max_grad_norm: float,
+        amsgrad: bool,
+        cuda_aware: bool,
+        comm_backend_name: str,
+        process_group: dist.ProcessGroup | None,
+        settings: dict[str, Any],
     ) -> None:
+        """Check and store what every 1-bit optimizer takes; ``settings`` are the subclass's own.
+
+        ``settings`` (e.g. ``freeze_step``) are optimizer-wide: they go into ``defaults`` too, so that
+        rebuilding from ``.defaults`` (zero-all does that for an optimizer passed to initialize()) keeps
+        them, and become attributes of the same name, which is what the step reads.
+        """
         if amsgrad:
             raise ValueError(f"{name}: amsgrad=true is not supported (as in DeepSpeed)")
         if comm_backend_name not in COMM_BACKEND_NAMES:
@@ -59,15 +72,29 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 f"{name}: comm_backend_name {comm_backend_name!r} is not accepted; accepted: "
                 f"{', '.join(COMM_BACKEND_NAMES)} (all run over torch.distributed's own backend)"
             )
-        for key in ("lr", "eps", "weight_decay"):
-            if defaults.get(key, 0.0) < 0:
-                raise ValueError(f"{name}: {key} must be >= 0, got {defaults[key]!r}")
-        b1, b2 = defaults["betas"]
+        for key, val in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            if val < 0:
+                raise ValueError(f"{name}: {key} must be >= 0, got {val!r}")
+        b1, b2 = betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
-            raise ValueError(f"{name}: betas must be in [0, 1), got {defaults['betas']!r}")
-        defaults = {**defaults, "cuda_aware": bool(cuda_aware), "comm_backend_name": comm_backend_name}
+            raise ValueError(f"{name}: betas must be in [0, 1), got {betas!r}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            max_grad_norm=max_grad_norm,
+            eps_inside_sqrt=eps_inside_sqrt,
+            **settings,
+            cuda_aware=bool(cuda_aware),
+            comm_backend_name=comm_backend_name,
+        )
         super().__init__(params, defaults)
+        for key, val in settings.items():
+            setattr(self, key, val)
         self.name = name
+        self.eps_inside_sqrt = bool(eps_inside_sqrt)  # accepted, no effect (as in DeepSpeed)
         self.cuda_aware = bool(cuda_aware)  # DeepSpeed's MPI switch; torch.distributed decides here
         self.comm_backend_name = comm_backend_name
         self.process_group = process_group
@@ -107,6 +134,54 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self._caller_averages = True
 
     # ---- helpers for the subclasses --------------------------------------------------------------------
+
+    def _first_state(self) -> dict[str, Any]:
+        """The state of the first parameter that has one (every parameter steps together), else ``{}``."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p)
+                if st:
+                    return st
+        return {}
+
+    def _next_step(self) -> int:
+        """The number of the step :meth:`step` takes next (1 for the first)."""
+        return int(self._first_state().get("step", 0)) + 1
+
+    def _grads(self) -> Iterator[tuple[dict[str, Any], torch.Tensor, torch.Tensor]]:
+        """``(group, param, fp32 gradient)`` for every parameter that has a gradient; sparse ones are refused."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{self.name} does not support sparse gradients")
+                yield group, p, (p.grad.float() if p.grad.dtype != torch.float32 else p.grad)
+
+    @staticmethod
+    def _run_closure(closure: Callable[[], Any] | None) -> Any:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    @staticmethod
+    def _mask_(group: dict[str, Any], t: torch.Tensor) -> None:
+        """Zero the entries DeepSpeed's ``exp_avg_mask`` (a param group key) marks as always zero."""
+        mask = group.get("exp_avg_mask")
+        if mask is not None:
+            t.mul_(mask.to(t.device))
+
+    @staticmethod
+    def _adam_update_(
+        p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float, eps: float, weight_decay: float
+    ) -> torch.Tensor:
+        """DeepSpeed 0.19's update ``p -= lr * (m / (sqrt(v) + eps) + weight_decay * p)``; returns the update."""
+        update = m / (v.sqrt() + eps)
+        if weight_decay > 0.0:
+            update.add_(p, alpha=weight_decay)
+        p.add_(update, alpha=-lr)
+        return update
 
     def segments(self, p: torch.Tensor) -> list[tuple[int, int]]:
         """The parameters packed in ``p``: ``[(offset, numel)]`` (the whole tensor when unbound)."""

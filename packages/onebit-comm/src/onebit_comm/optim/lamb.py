@@ -78,48 +78,32 @@ class OneBitLamb(CompressedOptimizer):
             raise ValueError(f"OneBitLamb: need 0 < factor_min <= factor_max, got {factor_min!r}, {factor_max!r}")
         if not 0.0 <= coeff_beta < 1.0 or factor_threshold < 0:
             raise ValueError("OneBitLamb: coeff_beta must be in [0, 1) and factor_threshold >= 0")
-        defaults = dict(
+        super().__init__(
+            params,
+            name="OneBitLamb",
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             bias_correction=bias_correction,
-            max_grad_norm=max_grad_norm,
-            # Optimizer-wide settings too, so that rebuilding from .defaults (zero-all does that for an
-            # optimizer passed to initialize()) keeps them; the step reads the attributes set below.
-            freeze_step=int(freeze_step),
-            coeff_beta=coeff_beta,
-            factor_max=factor_max,
-            factor_min=factor_min,
-            factor_threshold=factor_threshold,
             eps_inside_sqrt=eps_inside_sqrt,
-            max_coeff=max_coeff,
-            min_coeff=min_coeff,
-        )
-        super().__init__(
-            params,
-            defaults,
-            name="OneBitLamb",
+            max_grad_norm=max_grad_norm,
+            amsgrad=amsgrad,
             cuda_aware=cuda_aware,
             comm_backend_name=comm_backend_name,
-            amsgrad=amsgrad,
             process_group=process_group,
+            # max_coeff / min_coeff are read per param group; the rest optimizer-wide.
+            settings={
+                "freeze_step": int(freeze_step),
+                "coeff_beta": float(coeff_beta),
+                "factor_max": float(factor_max),
+                "factor_min": float(factor_min),
+                "factor_threshold": float(factor_threshold),
+                "max_coeff": max_coeff,
+                "min_coeff": min_coeff,
+            },
         )
-        self.freeze_step = int(freeze_step)
-        self.coeff_beta = float(coeff_beta)
-        self.factor_max = float(factor_max)
-        self.factor_min = float(factor_min)
-        self.factor_threshold = float(factor_threshold)
-        self.eps_inside_sqrt = bool(eps_inside_sqrt)
         self.lamb_coeffs: list[float] = []  # the trust ratios of the last step (DeepSpeed exposes these too)
-
-    def _next_step(self) -> int:
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st:
-                    return int(st["step"]) + 1
-        return 1
 
     def needs_averaged_gradients(self) -> bool:
         """True during warm-up (steps ``<= freeze_step``)."""
@@ -166,29 +150,20 @@ class OneBitLamb(CompressedOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One warm-up or compressed step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         self.lamb_coeffs = []
         warm = self.needs_averaged_gradients()
         if not warm:
             self._set_scaling_coeffs()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("OneBitLamb does not support sparse gradients")
-                grad = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
-                state = self._init_state(p)
-                if warm:
-                    self._warm_step(p, group, state, self._average_(grad))
-                else:
-                    if "scaling_coeff" not in state:  # a parameter that had no gradient until now
-                        state["scaling_coeff"] = [1.0] * len(self.segments(p))
-                    self._compressed_step(p, group, state, grad)
-                state["step"] += 1
+        for group, p, grad in self._grads():
+            state = self._init_state(p)
+            if warm:
+                self._warm_step(p, group, state, self._average_(grad))
+            else:
+                if "scaling_coeff" not in state:  # a parameter that had no gradient until now
+                    state["scaling_coeff"] = [1.0] * len(self.segments(p))
+                self._compressed_step(p, group, state, grad)
+            state["step"] += 1
         return loss
 
     def _warm_step(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any], grad: torch.Tensor) -> None:
@@ -228,9 +203,7 @@ class OneBitLamb(CompressedOptimizer):
         self._compressed_(p, m)
         for t, c in zip(mv, state["scaling_coeff"], strict=True):
             t.div_(c)
-        mask = group.get("exp_avg_mask")
-        if mask is not None:
-            m.mul_(mask.to(m.device))
+        self._mask_(group, m)
         g_rec = (m - m_last * b1) / (1 - b1)
         v_fresh.mul_(b2).addcmul_(g_rec, g_rec, value=1 - b2)
         denom = v.sqrt() + eps

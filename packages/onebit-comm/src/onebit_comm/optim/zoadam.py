@@ -76,43 +76,27 @@ class ZeroOneAdam(CompressedOptimizer):
         ):
             if int(val) < low:
                 raise ValueError(f"ZeroOneAdam: {key} must be an integer >= {low}, got {val!r}")
-        defaults = dict(
+        super().__init__(
+            params,
+            name="ZeroOneAdam",
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             bias_correction=bias_correction,
-            max_grad_norm=max_grad_norm,
-            # Optimizer-wide settings too, so that rebuilding from .defaults (zero-all does that for an
-            # optimizer passed to initialize()) keeps them; the step reads the attributes set below.
-            var_freeze_step=int(var_freeze_step),
-            var_update_scaler=int(var_update_scaler),
-            local_step_scaler=int(local_step_scaler),
-            local_step_clipper=int(local_step_clipper),
             eps_inside_sqrt=eps_inside_sqrt,
-        )
-        super().__init__(
-            params,
-            defaults,
-            name="ZeroOneAdam",
+            max_grad_norm=max_grad_norm,
+            amsgrad=amsgrad,
             cuda_aware=cuda_aware,
             comm_backend_name=comm_backend_name,
-            amsgrad=amsgrad,
             process_group=process_group,
+            settings={
+                "var_freeze_step": int(var_freeze_step),
+                "var_update_scaler": int(var_update_scaler),
+                "local_step_scaler": int(local_step_scaler),
+                "local_step_clipper": int(local_step_clipper),
+            },
         )
-        self.var_freeze_step = int(var_freeze_step)
-        self.var_update_scaler = int(var_update_scaler)
-        self.local_step_scaler = int(local_step_scaler)
-        self.local_step_clipper = int(local_step_clipper)
-        self.eps_inside_sqrt = bool(eps_inside_sqrt)
-
-    def _first_state(self) -> dict[str, Any]:
-        for group in self.param_groups:
-            for p in group["params"]:
-                st = self.state.get(p)
-                if st:
-                    return st
-        return {}
 
     def needs_averaged_gradients(self) -> bool:
         """True on the variance-update steps of the first phase."""
@@ -137,52 +121,35 @@ class ZeroOneAdam(CompressedOptimizer):
             state["lrs"] = 0.0
         return state
 
-    def _mask(self, group: dict[str, Any], t: torch.Tensor) -> None:
-        mask = group.get("exp_avg_mask")
-        if mask is not None:
-            t.mul_(mask.to(t.device))
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One step of whichever phase ``var_freeze_step`` puts the next step in."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._run_closure(closure)
         averaged = self.needs_averaged_gradients()
-        for group in self.param_groups:
+        for group, p, grad in self._grads():
             b1, b2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("ZeroOneAdam does not support sparse gradients")
-                grad = p.grad.float() if p.grad.dtype != torch.float32 else p.grad
-                state = self._init_state(p)
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                t = state["step"] + 1
-                if t <= self.var_freeze_step:
-                    if averaged:
-                        grad = self._average_(grad)
-                        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                        m.mul_(b1).add_(grad, alpha=1 - b1)
-                    else:
-                        g1 = self._compressed_(p, grad.clone())
-                        self._mask(group, g1)
-                        m.mul_(b1).add_(g1, alpha=1 - b1)
-                    update = m / (v.sqrt() + eps)
-                    if wd > 0.0:
-                        update.add_(p, alpha=wd)
-                    p.add_(update, alpha=-lr)
-                    if t % state["var_interval"] == 0:
-                        state["var_counter"] += 1
-                        if state["var_counter"] == self.var_update_scaler:
-                            state["var_counter"] = 0
-                            state["var_interval"] *= 2
+            state = self._init_state(p)
+            m, v = state["exp_avg"], state["exp_avg_sq"]
+            t = state["step"] + 1
+            if t <= self.var_freeze_step:
+                if averaged:
+                    grad = self._average_(grad)
+                    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                    m.mul_(b1).add_(grad, alpha=1 - b1)
                 else:
-                    self._local_step(p, group, state, grad, t)
-                state["step"] = t
+                    g1 = self._compressed_(p, grad.clone())
+                    self._mask_(group, g1)
+                    m.mul_(b1).add_(g1, alpha=1 - b1)
+                self._adam_update_(p, m, v, lr, eps, wd)
+                if t % state["var_interval"] == 0:
+                    state["var_counter"] += 1
+                    if state["var_counter"] == self.var_update_scaler:
+                        state["var_counter"] = 0
+                        state["var_interval"] *= 2
+            else:
+                self._local_step(p, group, state, grad, t)
+            state["step"] = t
         return loss
 
     def _local_step(
@@ -198,17 +165,14 @@ class ZeroOneAdam(CompressedOptimizer):
         acc = state["momentum_accumulator"]
         m.mul_(b1).add_(grad, alpha=1 - b1)
         state["lrs"] += lr
-        update = m / (v.sqrt() + eps)
-        if wd > 0.0:
-            update.add_(p, alpha=wd)
-        p.add_(update, alpha=-lr)
+        update = self._adam_update_(p, m, v, lr, eps, wd)
         acc.add_(update, alpha=-lr)
         if t % state["local_step_interval"] == 0:
             denom = v.sqrt() + eps
             p.sub_(acc)  # back to the parameters of the last synchronisation
             acc.mul_(denom)  # accumulated updates in momentum space: -sum(lr_i * m_i), roughly
             self._compressed_(p, acc)
-            self._mask(group, acc)
+            self._mask_(group, acc)
             m.copy_(acc).div_(-state["lrs"])
             p.add_(acc / denom)
             acc.zero_()
