@@ -46,27 +46,37 @@ int threads_for(int num_threads, int64_t items) {
 
 int64_t pieces_in(int64_t n) { return (n + kPiece - 1) / kPiece; }
 
+// Runs fn(p, row, offset in row, length) for every kPiece-element piece of `rows` rows of
+// `row_len`, spread over threads; p numbers the pieces row by row (for per-piece partials).
+template <typename Fn>
+void for_each_piece(int64_t rows, int64_t row_len, int num_threads, Fn fn) {
+  const int64_t per_row = pieces_in(row_len);
+  const int64_t count = rows * per_row;
+  const int threads = threads_for(num_threads, count);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t p = 0; p < count; ++p) {
+    const int64_t off = (p % per_row) * kPiece;
+    fn(p, p / per_row, off, off + kPiece < row_len ? kPiece : row_len - off);
+  }
+}
+
 }  // namespace
 
 std::vector<double> onebit_compensate(const void* x, DType x_dtype, float* err, int64_t numel, int64_t rows,
                                       int64_t row_len, int num_threads) {
   const Kernels k = pick();
   const int64_t per_row = pieces_in(row_len);
-  const int64_t count = rows * per_row;
   const int64_t xsize = x_dtype == DType::f32 ? 4 : 2;
-  std::vector<double> partial(static_cast<size_t>(count), 0.0);
-  const int threads = threads_for(num_threads, count);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t p = 0; p < count; ++p) {
-    const int64_t start = (p / per_row) * row_len + (p % per_row) * kPiece;
-    const int64_t end = start + kPiece < (p / per_row + 1) * row_len ? start + kPiece : (p / per_row + 1) * row_len;
-    const int64_t stop = end < numel ? end : numel;
-    if (stop > start) k.add(static_cast<const char*>(x) + start * xsize, x_dtype, err + start, stop - start);
+  std::vector<double> partial(static_cast<size_t>(rows * per_row), 0.0);
+  for_each_piece(rows, row_len, num_threads, [&](int64_t p, int64_t j, int64_t off, int64_t n) {
+    const int64_t start = j * row_len + off;
+    const int64_t real = numel - start < n ? numel - start : n;  // elements of x in this piece
+    if (real > 0) k.add(static_cast<const char*>(x) + start * xsize, x_dtype, err + start, real);
     // The piece is still in cache: its sum of squares costs no second trip to memory.
-    partial[p] = k.sumsq(err + start, end - start);
-  }
+    partial[p] = k.sumsq(err + start, n);
+  });
   std::vector<double> out(static_cast<size_t>(rows), 0.0);
-  for (int64_t p = 0; p < count; ++p) out[p / per_row] += partial[p];
+  for (size_t p = 0; p < partial.size(); ++p) out[p / per_row] += partial[p];
   return out;
 }
 
@@ -75,33 +85,22 @@ void onebit_pack(float* err, int64_t rows, int64_t row_len, uint8_t* out, int64_
   if (static_cast<int64_t>(scales.size()) != rows || static_cast<int64_t>(valid.size()) != rows)
     throw std::invalid_argument("onebit_pack: one scale and one valid count per row");
   const Kernels k = pick();
-  const int64_t per_row = pieces_in(row_len);
-  const int64_t count = rows * per_row;
-  const int threads = threads_for(num_threads, count);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t p = 0; p < count; ++p) {
-    const int64_t j = p / per_row, off = (p % per_row) * kPiece;
-    const int64_t n = off + kPiece < row_len ? kPiece : row_len - off;
+  for_each_piece(rows, row_len, num_threads, [&](int64_t, int64_t j, int64_t off, int64_t n) {
     k.pack(err + j * row_len + off, out + j * out_stride + off / 8, n, scales[j], valid[j] - off);
-  }
+  });
 }
 
 double onebit_server(const uint8_t* bits, int64_t bits_stride, const std::vector<float>& scales, float* server_err,
                      int64_t row_len, int64_t valid, int num_threads) {
   const Kernels k = pick();
   const int64_t w = static_cast<int64_t>(scales.size());
-  const int64_t count = pieces_in(row_len);
-  std::vector<double> partial(static_cast<size_t>(count), 0.0);
-  const int threads = threads_for(num_threads, count);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t p = 0; p < count; ++p) {
-    const int64_t off = p * kPiece;
-    const int64_t n = off + kPiece < row_len ? kPiece : row_len - off;
+  std::vector<double> partial(static_cast<size_t>(pieces_in(row_len)), 0.0);
+  for_each_piece(1, row_len, num_threads, [&](int64_t p, int64_t, int64_t off, int64_t n) {
     std::vector<const uint8_t*> rows(static_cast<size_t>(w));
     for (int64_t r = 0; r < w; ++r) rows[r] = bits + r * bits_stride + off / 8;
     k.server(rows.data(), scales.data(), w, server_err + off, n, valid - off);
     partial[p] = k.sumsq(server_err + off, n);
-  }
+  });
   double total = 0.0;
   for (double v : partial) total += v;
   return total;
@@ -111,17 +110,11 @@ void onebit_decode(const uint8_t* bits, int64_t bits_stride, const std::vector<f
                    float* out, int64_t numel, int num_threads) {
   const Kernels k = pick();
   const int64_t rows = static_cast<int64_t>(scales.size());
-  const int64_t per_row = pieces_in(row_len);
-  const int64_t count = rows * per_row;
-  const int threads = threads_for(num_threads, count);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t p = 0; p < count; ++p) {
-    const int64_t j = p / per_row, off = (p % per_row) * kPiece;
+  for_each_piece(rows, row_len, num_threads, [&](int64_t, int64_t j, int64_t off, int64_t n) {
     const int64_t start = j * row_len + off;
-    int64_t n = off + kPiece < row_len ? kPiece : row_len - off;
-    if (start + n > numel) n = numel - start;
+    if (start + n > numel) n = numel - start;  // the tensor ends inside the last chunk
     if (n > 0) k.decode(bits + j * bits_stride + off / 8, scales[j], out + start, n);
-  }
+  });
 }
 
 }  // namespace ds

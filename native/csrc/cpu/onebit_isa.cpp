@@ -121,6 +121,18 @@ void onebit_server_piece(const uint8_t* const* bits, const float* scales, int64_
     }
     _mm512_storeu_ps(se + i, _mm512_add_ps(_mm512_loadu_ps(se + i), acc));
   }
+#elif defined(__AVX2__)
+  const __m256i sel = _mm256_setr_epi32(128, 64, 32, 16, 8, 4, 2, 1);
+  for (; i + 8 <= lim; i += 8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t r = 0; r < w; ++r) {
+      const __m256i b = _mm256_set1_epi32(bits[r][i >> 3]);
+      const __m256 hit = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(b, sel), sel));
+      const __m256 d = _mm256_blendv_ps(_mm256_set1_ps(-scales[r]), _mm256_set1_ps(scales[r]), hit);
+      acc = r == 0 ? d : _mm256_add_ps(acc, d);
+    }
+    _mm256_storeu_ps(se + i, _mm256_add_ps(_mm256_loadu_ps(se + i), acc));
+  }
 #endif
   for (; i < lim; ++i) {
     float acc = sign_at(bits[0], i, scales[0]);

@@ -1,0 +1,89 @@
+"""ds_native.onebit: the 1-bit kernels against plain numpy formulas, on every ISA this CPU runs.
+
+(onebit-comm's tests/test_fused.py compares them bit for bit with the torch implementation they
+replace; these check the kernels' own contract without it.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ds_native
+from ds_native import onebit
+
+pytestmark = pytest.mark.skipif(not onebit.available(), reason="built without the 1-bit kernels")
+ISAS = [i for i in ("scalar", "avx2", "avx512") if ds_native._ds_native_cpu.isa_supported_by_cpu(i)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest):
+    with ds_native.forced_isa(request.param):
+        yield request.param
+
+
+def test_compensate_pack_decode_against_numpy(isa: str) -> None:
+    rows, row_len, numel = 3, 70_000, 3 * 70_000 - 1000  # rows of two 64 Ki pieces; padding at the end
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(numel, generator=g)
+    err = torch.zeros(rows * row_len)
+    err[:numel] = torch.randn(numel, generator=g) * 0.1
+    comp = err.numpy().copy()
+    comp[:numel] += x.numpy()  # float32 adds, as the kernel's
+    sums = onebit.compensate_(x, err, rows)
+    np.testing.assert_array_equal(err.numpy(), comp)
+    np.testing.assert_allclose(sums, (comp.astype(np.float64).reshape(rows, -1) ** 2).sum(1), rtol=1e-6)
+
+    compensated = err.clone()
+    scales = [0.5, 1.25, 2.0]
+    valid = [row_len, row_len, row_len - 1000]
+    out = torch.full((rows, row_len // 8 + 4), 7, dtype=torch.uint8)
+    onebit.pack_(err, rows, out, scales, valid)
+    c = compensated.view(rows, -1).numpy()
+    np.testing.assert_array_equal(out[:, : row_len // 8].numpy(), np.packbits(c >= 0, axis=1))
+    assert torch.all(out[:, row_len // 8 :] == 7)  # bytes past the signs untouched
+    sign = np.where(c >= 0, 1.0, -1.0).astype(np.float32)
+    want = c - sign * np.array(scales, dtype=np.float32)[:, None]
+    want[2, valid[2] :] = 0.0
+    np.testing.assert_array_equal(err.view(rows, -1).numpy(), want)
+
+    dec = onebit.decode(out, scales, row_len, torch.empty(numel))
+    np.testing.assert_array_equal(dec.numpy(), (sign * np.array(scales, dtype=np.float32)[:, None]).reshape(-1)[:numel])
+
+
+def test_server_accumulate_against_numpy(isa: str) -> None:
+    w, c, valid = 4, 140_000, 139_993
+    g = torch.Generator().manual_seed(1)
+    bits = torch.randint(0, 256, (w, c // 8), dtype=torch.uint8, generator=g)
+    scales = [0.25, 0.5, 0.125, 1.0]
+    se = torch.randn(c, generator=g) * 0.01
+    se[valid:] = 0
+    before = se.numpy().copy()
+    total = onebit.server_accumulate_(bits, scales, se, valid)
+    signs = np.where(np.unpackbits(bits.numpy(), axis=1) == 1, 1.0, -1.0).astype(np.float32)
+    avg = signs[0] * np.float32(scales[0])
+    for r in range(1, w):  # rank order, float32 adds
+        avg = avg + signs[r] * np.float32(scales[r])
+    avg[valid:] = 0
+    np.testing.assert_array_equal(se.numpy(), before + avg)
+    assert total == pytest.approx(float((se.double() ** 2).sum()), rel=1e-6)
+
+
+def test_sums_do_not_depend_on_threads() -> None:
+    x = torch.randn(1_000_003)
+    errs = [torch.zeros(2 * 500_008) for _ in range(3)]
+    got = [onebit.compensate_(x, e, 2, num_threads=t) for e, t in zip(errs, (1, 2, 3), strict=True)]
+    assert got[0] == got[1] == got[2]
+    assert onebit.sum_squares(x, num_threads=1) == onebit.sum_squares(x, num_threads=2)
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(TypeError, match="float32"):
+        onebit.compensate_(torch.zeros(8), torch.zeros(8, dtype=torch.float64), 1)
+    with pytest.raises(TypeError, match="fp32, bf16 or fp16"):
+        onebit.compensate_(torch.zeros(8, dtype=torch.float64), torch.zeros(8), 1)
+    with pytest.raises(ValueError, match="contiguous"):
+        onebit.decode(torch.zeros(1, 1, dtype=torch.uint8), [1.0], 8, torch.zeros(16)[::2])
+    with pytest.raises(ValueError, match=r"bits must be \[1, >= 2\]"):
+        onebit.decode(torch.zeros(1, 1, dtype=torch.uint8), [1.0], 16, torch.zeros(16))
