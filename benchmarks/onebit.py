@@ -9,12 +9,15 @@ In one run, 2 gloo ranks on CPU, one intra-op thread per rank:
   Times: the median of ``--reps`` calls, the collectives interleaved so that machine noise falls
   on all of them. The compressed call is timed twice: as it runs by default (ds-native's fused CPU
   kernels) and with ``fused=False`` (the same arithmetic in torch ops, bitwise the same result).
+  Beside wall time, each call's CPU time (``time.process_time``: this rank's threads, gloo's
+  included), which time spent descheduled or waiting for the other rank does not inflate: on a
+  shared machine the wall figures mostly measure the other jobs.
 - end to end: a tiny GPT trained through ``zero_all.initialize`` (ZeRO stage 0, fp32) with
   ``"OneBitAdam"`` (in its compression phase: ``freeze_step`` 2, timed after it) against ``"AdamW"``
   (the engine's plain all-reduce), the median optimizer-step wall time (forward + backward + step).
 
-``--json PATH`` writes ``{"sizes": {n: {"bytes_ratio_vs_fp32", "time_ratio_vs_allreduce", ...}},
-"step_time_vs_adamw", "meta"}``.
+``--json PATH`` writes ``{"sizes": {n: {"bytes_ratio_vs_fp32", "time_ratio_vs_allreduce",
+"cpu_time_ratio_vs_allreduce", ...}}, "step_time_vs_adamw", "meta"}``.
 
     python benchmarks/onebit.py [--quick] [--json PATH] [--reps 5] [--steps 20] [--sizes 16M,64M]
 """
@@ -76,6 +79,14 @@ class TinyGPT(nn.Module):
         return nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[float, float]:
+    """Wall and CPU seconds (this process, all its threads: gloo's included) of one collective call."""
+    dist.barrier()
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn(*args, **kwargs)
+    return time.perf_counter() - w0, time.process_time() - c0
+
+
 def _collectives(rank: int, sizes: list[int], reps: int) -> dict[int, dict[str, Any]]:
     out = {}
     for n in sizes:
@@ -83,34 +94,22 @@ def _collectives(rank: int, sizes: list[int], reps: int) -> dict[int, dict[str, 
         we, se = error_buffers(n, WORLD)
         we_t, se_t = error_buffers(n, WORLD)
         stats = CommStats()
-        t_fp32, t_1bit, t_torch = [], [], []
+        runs: dict[str, list[tuple[float, float]]] = {"fp32": [], "onebit": [], "onebit_torch_path": []}
         for i in range(reps + 1):  # the first call of each warms up (allocations, gloo connections)
-            a = x.clone()
-            dist.barrier()
-            t0 = time.perf_counter()
-            dist.all_reduce(a)
-            t1 = time.perf_counter()
-            b = x.clone()
-            dist.barrier()
-            t2 = time.perf_counter()
-            compressed_allreduce(b, we, se, stats=stats)
-            t3 = time.perf_counter()
-            c = x.clone()
-            dist.barrier()
-            t4 = time.perf_counter()
-            compressed_allreduce(c, we_t, se_t, fused=False)  # the same arithmetic in torch ops
-            t5 = time.perf_counter()
+            a, b, c = x.clone(), x.clone(), x.clone()
+            got = {
+                "fp32": _timed(dist.all_reduce, a),
+                "onebit": _timed(compressed_allreduce, b, we, se, stats=stats),
+                # the same arithmetic in torch ops (bitwise the same result)
+                "onebit_torch_path": _timed(compressed_allreduce, c, we_t, se_t, fused=False),
+            }
             if i:
-                t_fp32.append(t1 - t0)
-                t_1bit.append(t3 - t2)
-                t_torch.append(t5 - t4)
-        out[n] = {
-            "fp32_bytes": fp32_allreduce_bytes(n, WORLD),
-            "onebit_bytes": stats.bytes_sent / stats.calls,
-            "fp32_s": statistics.median(t_fp32),
-            "onebit_s": statistics.median(t_1bit),
-            "onebit_torch_path_s": statistics.median(t_torch),
-        }
+                for k, v in got.items():
+                    runs[k].append(v)
+        out[n] = {"fp32_bytes": fp32_allreduce_bytes(n, WORLD), "onebit_bytes": stats.bytes_sent / stats.calls}
+        for k, v in runs.items():
+            out[n][f"{k}_s"] = statistics.median(t for t, _ in v)
+            out[n][f"{k}_cpu_s"] = statistics.median(c for _, c in v)
     return out
 
 
@@ -187,22 +186,25 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     print(f"compressed_allreduce vs dist.all_reduce (fp32), {WORLD} gloo ranks, median of {args.reps}")
     print(
         f"{'elements':>10} {'fp32 MB':>9} {'1-bit MB':>9} {'bytes ratio':>11} {'fp32 ms':>9} {'1-bit ms':>9} "
-        f"{'time ratio':>10} {'torch-ops ms':>12} {'ratio':>6}"
+        f"{'time ratio':>10} {'torch-ops ms':>12} {'ratio':>6} | {'CPU ms: fp32':>12} {'1-bit':>6} {'ratio':>6}"
     )
     sizes = {}
     for n, c in res["collectives"].items():
         br, tr = c["onebit_bytes"] / c["fp32_bytes"], c["onebit_s"] / c["fp32_s"]
         tt = c["onebit_torch_path_s"] / c["fp32_s"]
+        cr = c["onebit_cpu_s"] / c["fp32_cpu_s"]
         sizes[str(n)] = {
             "bytes_ratio_vs_fp32": br,
             "time_ratio_vs_allreduce": tr,
             "time_ratio_torch_path_vs_allreduce": tt,
+            "cpu_time_ratio_vs_allreduce": cr,
             **c,
         }
         print(
             f"{n:>10} {c['fp32_bytes'] / 1e6:>9.2f} {c['onebit_bytes'] / 1e6:>9.3f} {br:>11.4f} "
             f"{c['fp32_s'] * 1e3:>9.2f} {c['onebit_s'] * 1e3:>9.2f} {tr:>10.3f} "
-            f"{c['onebit_torch_path_s'] * 1e3:>12.2f} {tt:>6.3f}"
+            f"{c['onebit_torch_path_s'] * 1e3:>12.2f} {tt:>6.3f} | {c['fp32_cpu_s'] * 1e3:>12.2f} "
+            f"{c['onebit_cpu_s'] * 1e3:>6.2f} {cr:>6.3f}"
         )
     st = res["steps"]
     ratio = st["OneBitAdam"] / st["AdamW"]
@@ -230,7 +232,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1M and 4M elements, a smaller model (under a minute)")
     ap.add_argument("--json", metavar="PATH", help="write the figures as JSON")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=None, help="calls timed per size (default 5; 3 with --quick)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=256)
@@ -243,7 +245,9 @@ def main() -> None:
     else:
         args.sizes = [1 << 20, 1 << 22] if args.quick else [1 << 20, 1 << 22, 1 << 24, 1 << 26]
     if args.quick:
-        args.reps, args.steps, args.layers, args.d_model = min(args.reps, 3), min(args.steps, 8), 2, 128
+        args.steps, args.layers, args.d_model = min(args.steps, 8), 2, 128
+    if args.reps is None:
+        args.reps = 3 if args.quick else 5
     out = report(run(args), args)
     if args.json:
         with open(args.json, "w") as f:
