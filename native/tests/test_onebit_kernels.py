@@ -87,3 +87,19 @@ def test_bad_arguments_are_refused() -> None:
         onebit.decode(torch.zeros(1, 1, dtype=torch.uint8), [1.0], 8, torch.zeros(16)[::2])
     with pytest.raises(ValueError, match=r"bits must be \[1, >= 2\]"):
         onebit.decode(torch.zeros(1, 1, dtype=torch.uint8), [1.0], 16, torch.zeros(16))
+
+
+@pytest.mark.parametrize("offset", [0, 8, 1])  # 64-byte aligned, 32-byte aligned, 4-byte aligned
+def test_large_decode_at_any_alignment(isa: str, offset: int) -> None:
+    # A tensor of several pieces per row, decoded into outputs on 64-, 32- and 4-byte boundaries.
+    rows, row_len = 2, (1 << 20) + 64
+    numel = rows * row_len - 24
+    g = torch.Generator().manual_seed(2)
+    bits = torch.randint(0, 256, (rows, row_len // 8), dtype=torch.uint8, generator=g)
+    scales = [0.75, 1.5]
+    out = torch.empty(numel + offset)[offset:]
+    onebit.decode(bits, scales, row_len, out)
+    signs = np.where(np.unpackbits(bits.numpy(), axis=1) == 1, 1.0, -1.0).astype(np.float32)
+    np.testing.assert_array_equal(
+        out.numpy(), (signs * np.array(scales, dtype=np.float32)[:, None]).reshape(-1)[:numel]
+    )
