@@ -11,7 +11,9 @@ Bytes each rank sends: ``2 (W-1) (C/8 + 4)`` with ``C`` the chunk size (see
 all-reduce: about 1/32 of it. Sign bytes and the scale travel in one message per chunk, so a call is
 exactly two collectives whatever the tensor size.
 
-The arithmetic is in :mod:`onebit_comm.compress`; this module only lays out and moves bytes.
+The arithmetic is in :mod:`onebit_comm.compress` (torch ops) and :mod:`onebit_comm.fused` (the same
+arithmetic in ds-native's fused CPU kernels, bitwise equal, used by default on CPU); this module
+only lays out and moves bytes.
 """
 
 from __future__ import annotations
