@@ -26,7 +26,7 @@ from zero_all.config.model import TORCH_DTYPES, ZeroAllConfig, load_config
 from zero_all.distributed import get_device, init_distributed
 from zero_all.engine import Engine
 from zero_all.optim import OptimizerFactory, check_optimizer_stage, optimizer_factory
-from zero_all.pipeline import attach_pipeline, parallel_layout
+from zero_all.pipeline import attach_pipeline, norm_replicated_params, parallel_layout
 from zero_all.schedulers import build_scheduler
 
 __all__ = ["add_config_arguments", "config_from_args", "initialize"]
@@ -282,6 +282,9 @@ def initialize(
         grad_accum_dtype=_grad_accum_dtype(cfg, dtype),
         process_group=layout.data_parallel_group,
         module=model if int(cfg.zero_optimization.stage) == 3 else None,
+        # Pipeline/tensor parallelism: clipping and fp16 overflow see the whole model (each element once).
+        model_parallel_group=layout.model_parallel_group,
+        replicated_params=norm_replicated_params(model, layout),
     )
 
     if cfg.gradient_allreduce_op == "sum":

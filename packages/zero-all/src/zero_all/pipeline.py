@@ -20,7 +20,9 @@ from zero_all.config.loader import ConfigError
 __all__ = [
     "ParallelLayout",
     "attach_pipeline",
+    "is_model_parallel_parameter",
     "load_pipeline_engine",
+    "norm_replicated_params",
     "parallel_layout",
     "save_pipeline_engine",
 ]
@@ -34,6 +36,8 @@ class ParallelLayout:
     data_parallel_world_size: int
     model_parallel_world_size: int  # ranks per replica (pipe x tensor); 1 without model parallelism
     pipeline: bool
+    model_parallel_group: Any = None  # the ranks of this replica (pipe x tensor); None without model parallelism
+    tensor_parallel_rank: int = 0
 
     def data_parallel_rank_and_size(self) -> tuple[int, int] | None:
         """``(replicas, this replica's index)`` for the data sampler; None without a data-parallel group."""
@@ -56,7 +60,22 @@ def parallel_layout(model: Any, mpu: Any, cfg: Any) -> ParallelLayout:
         if not callable(getattr(mpu, name, None)):
             raise TypeError(f"mpu must have {name}() (a Megatron/DeepSpeed-style mpu), got {type(mpu).__name__}")
     mp = mpu.get_model_parallel_world_size() if callable(getattr(mpu, "get_model_parallel_world_size", None)) else 1
-    layout = ParallelLayout(mpu.get_data_parallel_group(), int(mpu.get_data_parallel_world_size()), int(mp), pipeline)
+    mp_group = None
+    if int(mp) > 1:
+        if not callable(getattr(mpu, "get_model_parallel_group", None)):
+            raise TypeError(
+                f"mpu reports model_parallel_world_size {mp} but has no get_model_parallel_group(): the gradient "
+                "norm and the fp16 overflow check need the group of ranks that hold one model replica"
+            )
+        mp_group = mpu.get_model_parallel_group()
+    layout = ParallelLayout(
+        mpu.get_data_parallel_group(),
+        int(mpu.get_data_parallel_world_size()),
+        int(mp),
+        pipeline,
+        mp_group,
+        _tensor_parallel_rank(mpu),
+    )
     stage = int(cfg.zero_optimization.stage)
     if stage == 3 and not pipeline:
         raise ConfigError(
@@ -69,20 +88,37 @@ def parallel_layout(model: Any, mpu: Any, cfg: Any) -> ParallelLayout:
             "parallelism works with ZeRO stage 0 or 1 (stages 2 and 3 would reduce or gather every "
             "micro-batch, as DeepSpeed also refuses)"
         )
-    if layout.model_parallel_world_size > 1:
-        # zero-shard computes the gradient norm and the fp16 overflow flag over the data group only;
-        # with several stages (or tensor-parallel shards) a replica's gradients are spread over more ranks.
-        if float(cfg.gradient_clipping) > 0:
-            raise ConfigError(
-                "ds_config.gradient_clipping > 0 with pipeline/model parallelism is not supported yet: the global "
-                "norm would be computed per stage; set gradient_clipping to 0"
-            )
-        if cfg.fp16.enabled is True:
-            raise ConfigError(
-                "ds_config.fp16 with pipeline/model parallelism is not supported yet (overflow is not agreed across "
-                "stages); use bf16 or fp32"
-            )
     return layout
+
+
+def _tensor_parallel_rank(mpu: Any) -> int:
+    """The tensor-parallel rank, asked as DeepSpeed does across mpu versions (Megatron's name first)."""
+    for name in ("get_tensor_model_parallel_rank", "get_slice_parallel_rank", "get_model_parallel_rank"):
+        if callable(getattr(mpu, name, None)):
+            return int(getattr(mpu, name)())
+    return 0
+
+
+def is_model_parallel_parameter(p: torch.Tensor) -> bool:
+    """Whether ``p`` holds only this rank's tensor-parallel slice (Megatron's / DeepSpeed's attributes)."""
+    return bool(getattr(p, "tensor_model_parallel", False) or getattr(p, "model_parallel", False))
+
+
+def norm_replicated_params(model: torch.nn.Module, layout: ParallelLayout) -> list[torch.Tensor]:
+    """Parameters another model-parallel rank holds identically and counts in the gradient norm.
+
+    DeepSpeed's rule (``get_grad_norm_direct``): a tied weight on any pipeline stage but the first that
+    uses it (``ds_pipe_replicated``), and, on tensor-parallel ranks > 0, every parameter that is not
+    split (a row-parallel bias, layer norms). Empty without model parallelism.
+    """
+    if layout.model_parallel_group is None:
+        return []
+    return [
+        p
+        for p in model.parameters()
+        if getattr(p, "ds_pipe_replicated", False)
+        or (layout.tensor_parallel_rank > 0 and not is_model_parallel_parameter(p))
+    ]
 
 
 def attach_pipeline(engine: Any, model: Any, optimizer: Any, gradient_accumulation_steps: int) -> Any:
