@@ -24,6 +24,7 @@ __all__ = [
     "load_pipeline_engine",
     "norm_replicated_params",
     "parallel_layout",
+    "pipeline_schedule",
     "save_pipeline_engine",
 ]
 
@@ -121,15 +122,49 @@ def norm_replicated_params(model: torch.nn.Module, layout: ParallelLayout) -> li
     ]
 
 
-def attach_pipeline(engine: Any, model: Any, optimizer: Any, gradient_accumulation_steps: int) -> Any:
-    """A :class:`pipe3d.PipelineEngine` whose backwards go through zero-shard's ``optimizer``."""
+def pipeline_schedule(model: Any, cfg: Any, gradient_accumulation_steps: int) -> str:
+    """The schedule ``ds_config.pipeline`` asks for, checked against the module; applies its module keys.
+
+    ``activation_checkpoint_interval > 0`` replaces the module's (DeepSpeed's engine does the same);
+    ``stages`` must be "auto" or the module's stage count.
+    """
+    pcfg = cfg.pipeline
+    if pcfg.stages != "auto" and int(pcfg.stages) != model.num_stages:
+        raise ConfigError(
+            f"ds_config.pipeline.stages: {pcfg.stages}, but the PipelineModule has {model.num_stages} stages "
+            "(set by its num_stages/topology); use 'auto' or the module's count"
+        )
+    if pcfg.activation_checkpoint_interval > 0:
+        model.activation_checkpoint_interval = int(pcfg.activation_checkpoint_interval)
+    schedule = pcfg.schedule_for(model.num_chunks)
+    chunks = model.num_chunks
+    if schedule == "interleaved" and chunks == 1:
+        raise ConfigError(
+            "ds_config.pipeline.schedule: 'interleaved' needs virtual stages: build the PipelineModule with "
+            "num_chunks=v (v > 1)"
+        )
+    if schedule != "interleaved" and chunks > 1:
+        raise ConfigError(
+            f"ds_config.pipeline.schedule: {schedule!r} runs one model chunk per stage, but the PipelineModule "
+            f"has num_chunks={chunks}; use 'interleaved' (or leave schedule unset)"
+        )
+    if schedule == "interleaved" and gradient_accumulation_steps % model.num_stages:
+        raise ConfigError(
+            f"ds_config.pipeline.schedule: 'interleaved' needs gradient_accumulation_steps "
+            f"({gradient_accumulation_steps}) to be a multiple of the pipeline stages ({model.num_stages})"
+        )
+    return schedule
+
+
+def attach_pipeline(engine: Any, model: Any, optimizer: Any, gradient_accumulation_steps: int, schedule: str) -> Any:
+    """A :class:`pipe3d.PipelineEngine` running ``schedule`` (from :func:`pipeline_schedule`), its
+    backwards through zero-shard's ``optimizer``."""
     from pipe3d import PipelineEngine
 
     def backward(tensor: Any, boundary: bool) -> None:
         optimizer.set_gradient_accumulation_boundary(boundary)
         optimizer.backward(tensor)
 
-    schedule = "interleaved" if model.num_chunks > 1 else "1f1b"
     return PipelineEngine(model, gradient_accumulation_steps, schedule=schedule, backward=backward)
 
 
