@@ -207,25 +207,32 @@ def load_pipeline_engine(
     """Load a :func:`save_pipeline_engine` checkpoint, at the same or another pipeline / data split."""
     import warnings
 
-    from pipe3d.checkpoint import load_pipeline_checkpoint, read_latest
+    from pipe3d.checkpoint import load_optimizer_shard_sets, load_pipeline_checkpoint, read_latest
     from zero_all.checkpoint.files import CheckpointError
+    from zero_shard.checkpoint_state import merge_shard_sets
 
     if tag is None and read_latest(load_dir) is None:
         return None, None
     manifest, shards = load_pipeline_checkpoint(engine.module, load_dir, tag, strict=strict)
     meta = manifest["meta"]
+    if shards is None and load_optimizer_states:
+        # Another layer -> stage split: each parameter's master and moments come, by name, from the
+        # saved stage that held it (re-sharded over this stage's data-parallel group).
+        sets = load_optimizer_shard_sets(engine.module, load_dir, tag)
+        if sets is not None:
+            shards = merge_shard_sets(engine.optimizer, sets)
     if shards is not None and load_optimizer_states:
         engine.optimizer.load_sharded_state(shards)
     else:
         if engine.optimizer.compute_dtype != torch.float32:
             raise CheckpointError(
-                "this pipeline checkpoint was saved with another layer -> stage split: only the weights can be "
+                "this pipeline checkpoint is loaded without its optimizer state: only the weights can be "
                 "loaded, and that needs an fp32 model (the 16-bit model's fp32 master would not follow)"
             )
         if load_optimizer_states:
             warnings.warn(
-                "pipeline checkpoint saved with another layer -> stage split: weights loaded, the optimizer "
-                "state (moments, step counts) was not",
+                "pipeline checkpoint without optimizer state files: weights loaded, the optimizer state "
+                "(moments, step counts) was not",
                 UserWarning,
                 stacklevel=3,
             )
