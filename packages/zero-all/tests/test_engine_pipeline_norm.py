@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
 import zero_all
 from pipe3d import LayerSpec, PipelineModule, PipelineParallelGrid, PipeModelDataParallelTopology, TiedLayerSpec
-from pipe3d.models import DIM, DenseBlock, Embed, ParallelBlock, Reference, batches, gpt_specs, lm_head, loss_fn
+from pipe3d.models import DIM, VOCAB, DenseBlock, Embed, ParallelBlock, Reference, batches, gpt_specs, lm_head, loss_fn
 from zero_testkit import run_distributed
 
 TOL = 1e-5  # fp32 losses and norms against the single process
@@ -135,8 +136,68 @@ def _four_ranks(rank: int, world: int) -> None:
     _pp_tp_clip(rank, world)
     _pp_dp_clip(rank, world)
     _pp_tp_fp16(rank, world)
+    _tp_dp_mpu(rank, world)
+    with pytest.raises(zero_all.CheckpointError, match="tensor-parallel"):
+        grid = PipelineParallelGrid(PipeModelDataParallelTopology(num_pp=1, num_mp=2, num_dp=2))
+        engine, *_ = zero_all.initialize(
+            model=_TPModel(grid.get_tensor_model_parallel_group()), config=_config(1), mpu=grid
+        )
+        engine.save_checkpoint("/nonexistent-never-written")
 
 
 def test_clipping_and_fp16_across_stages_and_tensor_ranks_match_single_process() -> None:
-    """PP=2 x TP=2 and PP=2 x DP=2 with gradient_clipping: losses and norms equal clip_grad_norm_ (1e-5); fp16 skips agree."""
+    """PP=2 x TP=2, PP=2 x DP=2 and (mpu=, ZeRO-1 and -3) TP=2 x DP=2 with gradient_clipping: losses and norms equal
+    clip_grad_norm_ (1e-5); fp16 skips agree; checkpoints of a plain tensor-parallel model are refused."""
     run_distributed(_four_ranks, 4, timeout=300)
+
+
+class _TPModel(nn.Module):
+    """Embedding, one transformer block (tensor-parallel over ``tp_group``, dense when None), norm, head."""
+
+    def __init__(self, tp_group: object | None) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed = Embed()
+        torch.manual_seed(2)
+        self.block = DenseBlock(DIM, 2) if tp_group is None else ParallelBlock(DIM, 2, tp_group)
+        torch.manual_seed(3)
+        self.norm, self.head = nn.LayerNorm(DIM), nn.Linear(DIM, VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.block(self.embed(x))))
+
+
+def _tp_dp_mpu(rank: int, world: int) -> None:
+    """mpu= with a plain tensor-parallel model, TP=2 x DP=2, ZeRO-1 and ZeRO-3: clipped SGD equals the dense model."""
+    grid = PipelineParallelGrid(PipeModelDataParallelTopology(num_pp=1, num_mp=2, num_dp=2))
+    tp, d = grid.get_tensor_model_parallel_group(), grid.get_data_parallel_rank()
+    ref = _TPModel(None)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=LR)
+    ref_losses, ref_norms = [], []
+    for s in range(STEPS):
+        mbs = [mb for r in range(2) for mb in batches(GAS, MICRO, seed=10 * s + r)]
+        total = sum(loss_fn(ref(x), y) for x, y in mbs) / len(mbs)
+        total.backward()
+        ref_norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), CLIP)))
+        ref_opt.step()
+        ref_opt.zero_grad()
+        ref_losses.append(float(total.detach()))
+    assert min(ref_norms) > CLIP, ref_norms
+    for stage in (1, 3):
+        model = _TPModel(tp)
+        engine, *_ = zero_all.initialize(model=model, config=_config(stage), mpu=grid)
+        assert engine.optimizer.stage == stage and engine.optimizer.world_size == 2  # partitioned over the data axis
+        norms, losses = [], []
+        for s in range(STEPS):
+            total = 0.0
+            for x, y in batches(GAS, MICRO, seed=10 * s + d):
+                loss = loss_fn(engine(x), y)
+                engine.backward(loss)
+                engine.step()
+                total += float(loss.detach()) / GAS
+            t = torch.tensor([total])
+            torch.distributed.all_reduce(t, group=grid.get_data_parallel_group())
+            losses.append(float(t) / 2)
+            norms.append(engine.get_global_grad_norm())
+        _check(rank, f"stage {stage} TPxDP loss", losses, ref_losses, TOL)
+        _check(rank, f"stage {stage} TPxDP grad norm", norms, ref_norms, TOL)

@@ -317,6 +317,7 @@ def initialize(
         process_group=layout.data_parallel_group,
         training_dataloader=dataloader,
     )
+    engine.model_parallel_world_size = layout.model_parallel_world_size
     if layout.pipeline:
         engine.pipeline = attach_pipeline(engine, model, zero_opt, batch.gradient_accumulation_steps, schedule)
     return engine, _returned_optimizer(zero_opt, cfg), dataloader, scheduler

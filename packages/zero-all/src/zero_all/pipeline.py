@@ -78,11 +78,6 @@ def parallel_layout(model: Any, mpu: Any, cfg: Any) -> ParallelLayout:
         _tensor_parallel_rank(mpu),
     )
     stage = int(cfg.zero_optimization.stage)
-    if stage == 3 and not pipeline:
-        raise ConfigError(
-            "ds_config.zero_optimization.stage: 3 with mpu= is not supported yet (stage 3 partitions over the "
-            "whole world); use stage 0-2 with model parallelism"
-        )
     if pipeline and stage >= 2:
         raise ConfigError(
             f"ds_config.zero_optimization.stage: {stage} with a PipelineModule is not supported; pipeline "

@@ -130,7 +130,7 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         model_parallel_group: with pipeline / tensor parallelism, the ranks holding the other parts of
             this replica (DeepSpeed's ``mpu.get_model_parallel_group()``, pipe x tensor): the gradient
             norm (clipping) and the fp16 overflow decision are then taken over the whole model, not
-            just this rank's part. None: no model parallelism. Stages 0-2 only.
+            just this rank's part. None: no model parallelism.
         replicated_params: parameters whose gradient another rank of ``model_parallel_group`` holds
             identically and counts (tensor-parallel replicated biases/norms on tensor rank > 0, tied
             weights on a pipeline stage other than the first that uses them): left out of the norm so
@@ -157,11 +157,6 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         config = config if config is not None else ZeroConfig()
         if int(config.stage) == 3 and module is None:
             raise ValueError("ZeroShardedOptimizer: stage 3 needs module= (the model whose parameters it partitions)")
-        if int(config.stage) == 3 and model_parallel_group is not None:
-            raise NotImplementedError(
-                "ZeroShardedOptimizer: stage 3 with a model_parallel_group (pipeline/tensor parallelism) is not "
-                "supported; use stage 0-2"
-            )
         groups = _normalize_groups(named_params)
         device = groups[0][0][0][1].device
         missing = config.unsupported_features(model_on_cpu=device.type == "cpu")
@@ -320,7 +315,17 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         """
         raw = [self.reducer.grads_for_step(i) for i in range(len(self.masters))]
         inv = self.loss_scaler.inv_scale
-        total = global_grad_norm(raw, self.process_group, sharded=True) * inv
+        counted, replicated = self._split_for_norm(raw)
+        total = (
+            global_grad_norm(
+                counted,
+                self.process_group,
+                sharded=True,
+                model_parallel_group=self.model_parallel_group,
+                replicated=replicated,
+            )
+            * inv
+        )
         found_inf = not math.isfinite(total)
         self._global_grad_norm = total
         self.loss_scaler.update_scale(found_inf)
