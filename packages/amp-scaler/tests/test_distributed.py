@@ -53,12 +53,36 @@ def checks(rank: int, world_size: int) -> dict:
         rep[3][0] = math.inf
     out["replicated_overflow"] = unscale_and_clip_(rep, 1 / 1024, sharded=False)[1]
 
+    # 5. Model parallelism: each rank holds part of one replica (sharded=False over the data group,
+    # summed over model_parallel_group); rank 1 also holds a copy of grads[0], which rank 0 counts.
+    mine = [g.clone() for g in grads[rank::world_size]]
+    copy = [grads[0].clone()] if rank == 1 else []
+    norm, found = unscale_and_clip_(mine, 1 / 1024, 1.0, sharded=False, model_parallel_group=None, replicated=copy)
+    out["mp_local_norm"] = norm  # without the group: this rank's counted part only
+    mine = [g.clone() for g in grads[rank::world_size]]
+    copy = [grads[0].clone()] if rank == 1 else []
+    world = torch.distributed.group.WORLD
+    norm, found = unscale_and_clip_(mine, 1 / 1024, 1.0, sharded=False, model_parallel_group=world, replicated=copy)
+    out["mp"] = (norm, found, [g.tolist() for g in mine], [g.tolist() for g in copy])
+    bad = [grads[0].clone()] if rank == 1 else []
+    if rank == 1:
+        bad[0][0] = math.inf  # only in the copy the norm leaves out
+    found = unscale_and_clip_(
+        [g.clone() for g in grads[rank::world_size]],
+        1 / 1024,
+        1.0,
+        sharded=False,
+        model_parallel_group=world,
+        replicated=bad,
+    )[1]
+    out["mp_replicated_overflow"] = found
     return out
 
 
 def test_two_ranks_agree() -> None:
     r0, r1 = run_distributed(checks, 2, timeout=120)
     for r in (r0, r1):
+        assert r["mp_replicated_overflow"] is True
         assert r["overflow_one_rank"] is True
         assert r["overflow_none"] is False
         assert r["scale_after"] == 512
@@ -82,3 +106,12 @@ def test_two_ranks_agree() -> None:
     assert (
         math.isclose(r0["replicated_norm"], ref_norm, rel_tol=1e-6) and r0["replicated_norm"] == r1["replicated_norm"]
     )
+
+    # Model parallelism: the whole replica's norm, grads[0] counted once; every part (copy too) clipped.
+    coef = min(1.0, 1.0 / (ref_norm + 1e-6))
+    for rank, r in enumerate((r0, r1)):
+        norm, found, mine, copy = r["mp"]
+        assert not found and abs(norm - ref_norm) <= 1e-5 * ref_norm, (rank, norm, ref_norm)
+        assert r["mp_local_norm"] < ref_norm
+        for got, g in zip(mine + copy, grads[rank::2] + ([grads[0]] if rank == 1 else []), strict=True):
+            torch.testing.assert_close(torch.tensor(got), g / 1024 * coef, rtol=1e-5, atol=1e-7)

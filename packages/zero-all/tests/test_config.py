@@ -102,6 +102,8 @@ def test_non_json_dict_values_rejected() -> None:
         ({"gradient_clipping": -1}, "gradient_clipping"),
         ({"train_batch_size": "big"}, "train_batch_size"),
         ({"bfloat16": {"enabled": True}, "bf16": {"enabled": True}}, "both 'bfloat16' and 'bf16'"),
+        ({"pipeline": {"schedul": "gpipe"}}, "ds_config.pipeline.schedul: unknown key \\(did you mean 'schedule'"),
+        ({"pipeline": {"schedule": "zigzag"}}, "ds_config.pipeline.schedule: unknown schedule 'zigzag'"),
     ],
 )
 def test_config_errors_name_the_key(cfg: dict, match: str) -> None:
@@ -126,6 +128,13 @@ def test_known_but_unimplemented_keys_warn_once_and_load() -> None:
     assert len(messages) == 1
     assert "autotuning, comms_logger, compile, elasticity, flops_profiler" in messages[0]
     assert cfg.ignored_keys == ["autotuning", "comms_logger", "compile", "elasticity", "flops_profiler"]
+
+
+def test_pipeline_section_is_read_without_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = ZeroAllConfig.load({"train_batch_size": 4, "pipeline": {"stages": "auto", "schedule": "GPipe"}})
+    assert cfg.pipeline.schedule == "gpipe" and cfg.ignored_keys == []
 
 
 def test_data_types_section() -> None:

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
 
 import zero_all
-from pipe3d import PipelineModule, PipelineParallelGrid, PipeModelDataParallelTopology
+from pipe3d import (
+    GPipe,
+    Interleaved1F1B,
+    OneFOneB,
+    PipelineModule,
+    PipelineParallelGrid,
+    PipeModelDataParallelTopology,
+)
 from pipe3d.models import Reference, batches, gpt_specs, loss_fn
 from zero_testkit import run_distributed
 
@@ -61,12 +70,48 @@ def test_pipeline_2x2_zero1_matches_single_process() -> None:
     run_distributed(_train, 4, 2, 1, timeout=240)
 
 
+def _schedules(rank: int, world: int) -> None:
+    """ds_config.pipeline.schedule picks what train_batch runs; every schedule matches one process."""
+    ref = _reference(1)
+    for name, chunks, kind in (("gpipe", 1, GPipe), ("interleaved", 2, Interleaved1F1B), (None, 1, OneFOneB)):
+        module = PipelineModule(gpt_specs(blocks=2), num_stages=2, loss_fn=loss_fn, seed_layers=True, num_chunks=chunks)
+        cfg = _config(1, 1) if name is None else {**_config(1, 1), "pipeline": {"schedule": name}}
+        engine, *_ = zero_all.initialize(model=module, config=cfg)
+        assert type(engine.pipeline.schedule) is kind, (name, engine.pipeline.schedule)
+        losses = [float(engine.train_batch(iter(batches(GAS, MICRO, seed=10 * s)))) for s in range(STEPS)]
+        for s in range(STEPS):
+            assert abs(losses[s] - ref[s]) <= TOL, (rank, name, s, losses, ref)
+
+
 def _rules(rank: int, world: int) -> None:
     module = PipelineModule(gpt_specs(blocks=2), num_stages=2, loss_fn=loss_fn)
     with pytest.raises(zero_all.ConfigError, match="stage: 2 with a PipelineModule"):
         zero_all.initialize(model=module, config=_config(2, 1))
-    with pytest.raises(zero_all.ConfigError, match="gradient_clipping"):
-        zero_all.initialize(model=module, config={**_config(1, 1), "gradient_clipping": 1.0})
+    # ds_config.pipeline: DeepSpeed's keys are read, a schedule that does not fit the module is refused.
+    with pytest.raises(zero_all.ConfigError, match=r"pipeline\.schedule: 'interleaved' needs virtual stages"):
+        zero_all.initialize(model=module, config={**_config(1, 1), "pipeline": {"schedule": "interleaved"}})
+    chunked = PipelineModule(gpt_specs(blocks=2), num_stages=2, loss_fn=loss_fn, num_chunks=2)
+    with pytest.raises(zero_all.ConfigError, match=r"pipeline\.schedule: 'gpipe' runs one model chunk"):
+        zero_all.initialize(model=chunked, config={**_config(1, 1), "pipeline": {"schedule": "gpipe"}})
+    with pytest.raises(zero_all.ConfigError, match="multiple of the pipeline stages"):
+        zero_all.initialize(model=chunked, config={**_config(1, 1), "gradient_accumulation_steps": 3})
+    with pytest.raises(zero_all.ConfigError, match=r"pipeline\.stages: 3, but the PipelineModule has 2"):
+        zero_all.initialize(model=module, config={**_config(1, 1), "pipeline": {"stages": 3}})
+    deepspeed_keys = {
+        "stages": "auto",
+        "partition": "best",
+        "seed_layers": False,
+        "activation_checkpoint_interval": 1,
+        "pipe_partitioned": True,
+        "grad_partitioned": True,
+    }
+    assert module.activation_checkpoint_interval == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not implemented" warning for the pipeline key any more
+        engine, *_ = zero_all.initialize(model=module, config={**_config(1, 1), "pipeline": deepspeed_keys})
+    assert module.activation_checkpoint_interval == 1  # DeepSpeed's engine applies it to the module too
+    assert type(engine.pipeline.schedule) is OneFOneB
+    module.activation_checkpoint_interval = 0
     # mpu= with a plain model: ZeRO and the batch arithmetic use the grid's data axis.
     grid = PipelineParallelGrid(PipeModelDataParallelTopology(num_pp=1, num_mp=2, num_dp=1))
     engine, *_ = zero_all.initialize(model=torch.nn.Linear(4, 4), config=_config(1, 1), mpu=grid)
@@ -94,17 +139,31 @@ def _checkpoint(rank: int, world: int, tmp: str) -> None:
     again = float(engine2.train_batch(iter(batches(GAS, MICRO, seed=7))))
     assert abs(again - after) <= 1e-6, (after, again)
 
-    # Another split: one stage, two data-parallel replicas; the layers load by index.
+    # Another split: one stage, two data-parallel replicas (ZeRO-1 partitions over them). The layers load by
+    # index; the fp32 master, the Adam moments and step come by parameter name from the stage that held them.
+    half = GAS // 2  # the same global batch: each replica takes half of the micro-batches
     flat = PipelineModule(gpt_specs(blocks=2), num_stages=1, loss_fn=loss_fn, seed_layers=True, base_seed=5)
-    engine3, *_ = zero_all.initialize(model=flat, config={**cfg, "gradient_accumulation_steps": GAS})
-    with pytest.warns(UserWarning, match="another layer -> stage split"):
+    engine3, *_ = zero_all.initialize(model=flat, config={**cfg, "gradient_accumulation_steps": half})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is left behind, so nothing to warn about
         engine3.load_checkpoint(tmp, tag="global_step2")
+    assert engine3.global_steps == 2
     engine2.load_checkpoint(tmp, tag="global_step2", load_optimizer_states=False)
+    d = flat.mpu().get_data_parallel_rank()
+
+    def mine(seed: int) -> list:
+        return batches(GAS, MICRO, seed=seed)[d * half : (d + 1) * half]
+
     # Both models now hold the step-2 weights: the same evaluation loss on the same data.
     a = float(engine2.eval_batch(iter(batches(GAS, MICRO, seed=8))))
-    b = float(engine3.eval_batch(iter(batches(GAS, MICRO, seed=8))))
+    b = float(engine3.eval_batch(iter(mine(8))))
     assert abs(a - b) <= TOL, (a, b)
     assert probe != a  # the probe was taken one step later
+    # The next step is the saved run's next step: same loss, and (Adam's moments restored) the same weights.
+    again3 = float(engine3.train_batch(iter(mine(7))))
+    assert abs(again3 - after) <= TOL, (after, again3)
+    probe3 = float(engine3.eval_batch(iter(mine(8))))
+    assert abs(probe3 - probe) <= TOL, (probe, probe3)
 
 
 def _bf16(rank: int, world: int) -> None:
@@ -122,11 +181,13 @@ def _two_ranks(rank: int, world: int, tmp: str) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
     # One set of processes for the 2-rank cases: starting ranks costs more than a case here.
     _train(rank, world, 2, 1)
+    _schedules(rank, world)
     _rules(rank, world)
     _checkpoint(rank, world, tmp)
     _bf16(rank, world)
 
 
 def test_pipeline_2_ranks_zero1_rules_and_checkpoints(tmp_path) -> None:
-    """PP=2 with ZeRO-1 matches one process; ZeRO-2/clipping refused; mpu= accepted; checkpoints at two splits; bf16."""
+    """PP=2 with ZeRO-1 matches one process under each configured schedule; ZeRO-2 and misfit pipeline keys refused;
+    mpu= accepted; checkpoints at two splits; bf16."""
     run_distributed(_two_ranks, 2, str(tmp_path), timeout=300)

@@ -277,3 +277,45 @@ def test_stage2_bucket_buffers_stay_bounded(overlap: bool) -> None:
     r = opt.reducer
     assert r.peak_in_flight <= 2 and r.live_bucket_buffers == 0
     assert 1 <= r.peak_bucket_buffers <= (4 if overlap else 2)
+
+
+def test_merge_shard_sets_loads_state_saved_by_several_optimizers() -> None:
+    """A model saved as two parts (two optimizers, as two pipeline stages) loads into one optimizer by name."""
+    from zero_shard.checkpoint_state import merge_shard_sets
+
+    torch.manual_seed(0)
+    parts = [nn.Linear(4, 8), nn.Linear(8, 2)]
+    names = [[(f"{i}.{n}", p) for n, p in part.named_parameters()] for i, part in enumerate(parts)]
+    opts = [ZeroShardedOptimizer(named, _adamw, ZeroConfig(stage=1)) for named in names]
+    for _step in range(2):
+        x = torch.randn(3, 4)
+        h = parts[0](x)
+        # Each part steps on its own loss (as each stage steps on its own gradients).
+        opts[0].backward(h.square().mean())
+        opts[1].backward(parts[1](h.detach()).square().mean())
+        for opt in opts:
+            opt.step()
+    sets = [[opt.sharded_state()] for opt in opts]
+    # The whole model now, grouped differently: weights in group 0, biases in group 1.
+    whole = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    named = dict(whole.named_parameters())
+    groups = [
+        {"params": [(n, p) for n, p in named.items() if n.endswith("weight")]},
+        {"params": [(n, p) for n, p in named.items() if n.endswith("bias")]},
+    ]
+    merged_opt = ZeroShardedOptimizer(groups, _adamw, ZeroConfig(stage=0))
+    merged_opt.load_sharded_state(merge_shard_sets(merged_opt, sets))
+    saved = {k: v for s in sets for k, v in consolidate(s, key="exp_avg_sq").items()}
+    got = consolidate([merged_opt.sharded_state()], key="exp_avg_sq")
+    masters = consolidate([merged_opt.sharded_state()])
+    assert set(got) == set(saved) == set(named)
+    for n in named:
+        torch.testing.assert_close(got[n], saved[n], rtol=0, atol=0)
+        torch.testing.assert_close(named[n].detach(), dict(itertools.chain(*names))[n].detach(), rtol=0, atol=0)
+        torch.testing.assert_close(masters[n], named[n].detach(), rtol=0, atol=0)
+    assert all(s["step"] == 2 for s in merged_opt.inner.state.values())
+    with pytest.raises(ValueError, match=r"no parameter named \['1.bias'\]"):
+        only_weights = [
+            [(t, {**m, "params": {k: v for k, v in m["params"].items() if k != "1.bias"}})] for [(t, m)] in sets
+        ]
+        merge_shard_sets(merged_opt, only_weights)

@@ -21,6 +21,14 @@ norms' p-th powers are summed over the group (max for the inf-norm), so every ra
 same global norm and hence the same overflow decision. With ``sharded=False`` (every rank
 holds the same full gradients, as after DDP's all-reduce) the norm stays local and only the
 overflow flag is agreed.
+
+Model parallelism (pipeline stages, tensor-parallel shards): one replica's gradients are spread
+over a ``model_parallel_group`` as well, so the p-th powers are also summed over it. Gradients
+that several model-parallel ranks hold identically (a tensor-parallel layer's replicated bias or
+layer norm, a tied embedding's copy on a later pipeline stage) are passed as ``replicated`` by
+every rank but the one that counts them: they are unscaled and clipped like the others and
+checked for inf/nan, but left out of the norm, so each element counts once (Megatron's and
+DeepSpeed's rule).
 """
 
 from __future__ import annotations
@@ -66,18 +74,33 @@ def _global_norm(
     norm_type: float,
     process_group: ProcessGroup,
     sharded: bool,
+    model_parallel_group: ProcessGroup = None,
+    replicated: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     local = _local_norm(groups, norm_type)
-    if not sharded or group_size(process_group) == 1:
+    if replicated:
+        # Not counted (another rank counts the same values) but an inf/nan in them must still surface:
+        # 0 * finite is 0, 0 * inf or 0 * nan is nan.
+        local = local + 0.0 * _local_norm(replicated, norm_type).to(local.device)
+    reduce_over = []
+    if sharded and group_size(process_group) > 1:
+        reduce_over.append(process_group)
+    if model_parallel_group is not None and group_size(model_parallel_group) > 1:
+        reduce_over.append(model_parallel_group)
+    if not reduce_over:
         return local
-    dev = reduce_device(process_group, like=local)
     if math.isinf(norm_type):
-        t = local.to(dev).reshape(1)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=process_group)
+        # MAX need not propagate nan: make every non-finite value +inf first.
+        t = torch.nan_to_num(local, nan=math.inf).reshape(1)
+        for g in reduce_over:
+            t = t.to(reduce_device(g, like=local))
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=g)
         return t[0]
     # Sum of p-th powers over ranks; inf/nan on any rank propagate to every rank through the sum.
-    t = (local.double() ** norm_type).to(dev).reshape(1)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=process_group)
+    t = (local.double() ** norm_type).reshape(1)
+    for g in reduce_over:
+        t = t.to(reduce_device(g, like=local))
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=g)
     return (t[0] ** (1.0 / norm_type)).float()
 
 
@@ -87,9 +110,17 @@ def global_grad_norm(
     norm_type: float = 2.0,
     *,
     sharded: bool = True,
+    model_parallel_group: ProcessGroup = None,
+    replicated: Iterable[torch.Tensor | None] | None = None,
 ) -> float:
-    """The global ``norm_type``-norm of ``grads`` over the group (each rank passes its own shard)."""
-    return float(_global_norm(_group(grads), float(norm_type), process_group, sharded).item())
+    """The global ``norm_type``-norm of ``grads`` over the group (each rank passes its own shard).
+
+    ``model_parallel_group`` / ``replicated``: as for :func:`unscale_and_clip_`.
+    """
+    rep = _group(replicated) if replicated is not None else None
+    return float(
+        _global_norm(_group(grads), float(norm_type), process_group, sharded, model_parallel_group, rep).item()
+    )
 
 
 def clip_factor(total_norm: float, max_norm: float, inv_scale: float = 1.0) -> float:
@@ -112,6 +143,8 @@ def unscale_and_clip_(
     norm_type: float = 2.0,
     *,
     sharded: bool = True,
+    model_parallel_group: ProcessGroup = None,
+    replicated: list[torch.Tensor | None] | None = None,
 ) -> tuple[float, bool]:
     """Unscale ``grads`` in place, return the global (unscaled) grad norm and whether it overflowed.
 
@@ -128,6 +161,11 @@ def unscale_and_clip_(
             is combined over the group. False when every rank holds the same full gradients
             (plain data parallel after the all-reduce): the norm stays local and only the
             overflow decision is agreed over the group.
+        model_parallel_group: the group of ranks that hold the other parts of one model replica
+            (pipeline stages x tensor-parallel shards; DeepSpeed's ``mpu.get_model_parallel_group()``):
+            the norm is also summed over it. None: no model parallelism.
+        replicated: gradients this rank also unscales/clips and checks for inf/nan, but leaves out
+            of the norm because another model-parallel rank counts identical copies.
 
     Returns:
         ``(total_norm, found_inf)``: the global norm of the unscaled gradients (inf/nan when
@@ -139,7 +177,8 @@ def unscale_and_clip_(
     norm_type = float(norm_type)
     inv_scale = float(inv_scale)
     groups = _group(grads)
-    scaled_norm = _global_norm(groups, norm_type, process_group, sharded)
+    rep = _group(replicated) if replicated else None
+    scaled_norm = _global_norm(groups, norm_type, process_group, sharded, model_parallel_group, rep)
     # fp32, as torch computes the norm of unscaled fp32 gradients; exact when inv_scale is 2**-k.
     total = scaled_norm * inv_scale
     total_norm = float(total.item())  # the one host sync
@@ -148,6 +187,6 @@ def unscale_and_clip_(
         found_inf = all_reduce_max_flag(found_inf, process_group)
     factor = clip_factor(total_norm, max_norm, inv_scale) if not found_inf else inv_scale
     if factor != 1.0:
-        for ts in groups.values():
+        for ts in (*groups.values(), *(rep or {}).values()):
             torch._foreach_mul_(ts, factor)
     return total_norm, found_inf

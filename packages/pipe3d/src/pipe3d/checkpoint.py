@@ -9,9 +9,11 @@ Layout of ``save_dir/tag/`` (DeepSpeed's naming, safetensors instead of pickles)
 
 Layers are stored by their global index, so a checkpoint loads into *any* pipeline split of the
 same layer list: each stage reads the files of the layers it holds now. Layer files are written
-by data-parallel rank 0 of each stage. Optimizer state is per rank and goes back only when the
-layer → stage map is unchanged (the data-parallel size may differ: zero-shard re-shards); with
-another split :func:`load_pipeline_checkpoint` says so and returns no optimizer shards.
+by data-parallel rank 0 of each stage. Optimizer state is per rank. When the layer → stage map is
+unchanged :func:`load_pipeline_checkpoint` returns this stage's shards (the data-parallel size may
+differ: zero-shard re-shards); with another split it returns none, and
+:func:`load_optimizer_shard_sets` gives the shards of every saved stage instead, from which the
+optimizer takes each parameter's state by name (zero-shard's ``merge_shard_sets``).
 
 Writes go to a temporary name and are renamed into place; ``latest`` is written by global rank 0
 after a barrier, once every rank's files are complete. Nothing is ever unpickled.
@@ -30,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from pipe3d.module import PipelineModule
 
-__all__ = ["load_pipeline_checkpoint", "read_latest", "save_pipeline_checkpoint"]
+__all__ = ["load_optimizer_shard_sets", "load_pipeline_checkpoint", "read_latest", "save_pipeline_checkpoint"]
 
 MANIFEST = "pipeline.json"
 
@@ -175,3 +177,38 @@ def load_pipeline_checkpoint(
             return manifest, None
         shards.append((load_file(str(src / f"{name}.safetensors")), json.loads((src / f"{name}.json").read_text())))
     return manifest, shards
+
+
+def load_optimizer_shard_sets(
+    module: PipelineModule, load_dir: str | os.PathLike[str], tag: str | None = None
+) -> list[list[tuple[dict[str, torch.Tensor], dict[str, Any]]]] | None:
+    """The optimizer shards of every saved stage (each over all its data-parallel ranks), for this
+    tensor-parallel rank; None when the checkpoint holds no optimizer state.
+
+    For loading at another layer → stage split: the parameters keep their names (global layer
+    indices), so each stage finds its parameters' state among the saved stages' shards.
+    """
+    tag = tag if tag is not None else read_latest(load_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no 'latest' file in {load_dir}; pass tag=")
+    src = Path(load_dir) / tag
+    manifest = json.loads((src / MANIFEST).read_text())
+    topo = manifest["topology"]
+    _, _, tp = _coord(module)
+    grid = module.mpu()
+    tp_now = grid.get_slice_parallel_world_size() if grid is not None else 1
+    if int(topo.get("model", 1)) != tp_now:
+        raise ValueError(
+            f"{src}: saved with tensor-parallel size {topo.get('model', 1)}, now {tp_now}: optimizer state (and "
+            "the per-rank layer files) load only at the same tensor-parallel size"
+        )
+    sets = []
+    for stage in range(int(manifest["num_stages"])):
+        shards = []
+        for d in range(int(topo.get("data", 1))):
+            name = _optim_file(stage, d, tp)
+            if not (src / f"{name}.safetensors").exists():
+                return None
+            shards.append((load_file(str(src / f"{name}.safetensors")), json.loads((src / f"{name}.json").read_text())))
+        sets.append(shards)
+    return sets

@@ -328,6 +328,10 @@ class PipelineModule(nn.Module):
                 group = dist.new_group(ranks=ranks)  # collective: every rank creates every group
                 if all(getattr(coord, a) == getattr(me, a) for a in others) and self.stage_id in stages:
                     groups[key] = (group, ranks)
+                    # After the tied sum every stage holds the same gradient: a global norm counts it on
+                    # the first stage only (DeepSpeed's ds_pipe_replicated; only the tied attributes are shared).
+                    for _, p in self._tied_params(key):
+                        p.ds_pipe_replicated = self.stage_id != stages[0]  # type: ignore[attr-defined]
         return groups
 
     def _tied_params(self, key: str) -> list[tuple[str, torch.Tensor]]:

@@ -26,7 +26,7 @@ from zero_all.config.model import TORCH_DTYPES, ZeroAllConfig, load_config
 from zero_all.distributed import get_device, init_distributed
 from zero_all.engine import Engine
 from zero_all.optim import OptimizerFactory, check_optimizer_stage, optimizer_factory
-from zero_all.pipeline import attach_pipeline, parallel_layout
+from zero_all.pipeline import attach_pipeline, norm_replicated_params, parallel_layout, pipeline_schedule
 from zero_all.schedulers import build_scheduler
 
 __all__ = ["add_config_arguments", "config_from_args", "initialize"]
@@ -236,6 +236,8 @@ def initialize(
                 "is used) or give two of the three batch keys"
             ) from None
         raise
+    # ds_config.pipeline: checked against the PipelineModule before anything is built.
+    schedule = pipeline_schedule(model, cfg, batch.gradient_accumulation_steps) if layout.pipeline else None
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
 
@@ -282,6 +284,9 @@ def initialize(
         grad_accum_dtype=_grad_accum_dtype(cfg, dtype),
         process_group=layout.data_parallel_group,
         module=model if int(cfg.zero_optimization.stage) == 3 else None,
+        # Pipeline/tensor parallelism: clipping and fp16 overflow see the whole model (each element once).
+        model_parallel_group=layout.model_parallel_group,
+        replicated_params=norm_replicated_params(model, layout),
     )
 
     if cfg.gradient_allreduce_op == "sum":
@@ -312,8 +317,9 @@ def initialize(
         process_group=layout.data_parallel_group,
         training_dataloader=dataloader,
     )
+    engine.model_parallel_world_size = layout.model_parallel_world_size
     if layout.pipeline:
-        engine.pipeline = attach_pipeline(engine, model, zero_opt, batch.gradient_accumulation_steps)
+        engine.pipeline = attach_pipeline(engine, model, zero_opt, batch.gradient_accumulation_steps, schedule)
     return engine, _returned_optimizer(zero_opt, cfg), dataloader, scheduler
 
 

@@ -66,6 +66,8 @@ class Engine(torch.nn.Module):
         self.monitor = EngineMonitor(config, batch, self.global_rank, self.world_size)
         # A pipe3d.PipelineEngine when the model is a PipelineModule (set by initialize()).
         self.pipeline: Any = None
+        # Ranks per model replica (mpu's pipe x tensor); set by initialize().
+        self.model_parallel_world_size = 1
 
     # ----------------------------------------------------------------- properties DeepSpeed has
     def train_batch_size(self) -> int:
@@ -235,6 +237,7 @@ class Engine(torch.nn.Module):
 
             save_pipeline_engine(self, save_dir, tag, client_state or {}, save_latest)
             return True
+        self._refuse_model_parallel_checkpoint()
         save_engine_checkpoint(self, save_dir, tag, client_state or {}, save_latest=save_latest)
         return True
 
@@ -259,6 +262,7 @@ class Engine(torch.nn.Module):
                 load_optimizer_states=load_optimizer_states and not load_module_only,
                 load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
             )
+        self._refuse_model_parallel_checkpoint()
         return load_engine_checkpoint(
             self,
             load_dir,
@@ -267,6 +271,18 @@ class Engine(torch.nn.Module):
             load_optimizer_states=load_optimizer_states and not load_module_only,
             load_lr_scheduler_states=load_lr_scheduler_states and not load_module_only,
         )
+
+    def _refuse_model_parallel_checkpoint(self) -> None:
+        """Engine checkpoints name files by data-parallel rank: tensor-parallel ranks of one replica would collide."""
+        if self.model_parallel_world_size > 1:
+            from zero_all.checkpoint.files import CheckpointError
+
+            raise CheckpointError(
+                f"save_checkpoint/load_checkpoint with mpu= model parallelism ({self.model_parallel_world_size} ranks "
+                "per replica, e.g. tensor-parallel) and a plain model are not supported yet: the per-rank files of "
+                "the tensor-parallel ranks would overwrite each other. Build the model as a pipe3d.PipelineModule "
+                "(its checkpoints are per stage and tensor-parallel rank), or save each rank's state_dict yourself"
+            )
 
     def empty_partition_cache(self) -> None:
         """Stage 3: free every gathered (non-persistent) parameter now, e.g. before evaluation. No-op below stage 3."""

@@ -18,6 +18,11 @@ checkpoint is as small per rank as a stage-1 one and has the same shape.
 Loading (:func:`load_sharded_state`) gathers, for the elements the loading rank needs, the overlapping
 ranges from every saved rank: resharding is copying by global element offset. Same world size and stage
 gives back exactly the tensors that were saved, so a resumed run continues bit for bit.
+
+A model split over several optimizers when it was saved (pipeline stages, each with its own data-parallel
+group) and split differently now: :func:`merge_shard_sets` makes one saved run, for the parameters this
+optimizer holds, out of the saved groups that held them (each parameter from the first group holding it:
+a tied weight exists once per stage that uses it, with the same values).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 if TYPE_CHECKING:
     from zero_shard.optimizer import ZeroShardedOptimizer
 
-__all__ = ["FORMAT", "consolidate", "load_sharded_state", "sharded_state"]
+__all__ = ["FORMAT", "consolidate", "load_sharded_state", "merge_shard_sets", "sharded_state"]
 
 FORMAT = "zero-shard/1"
 RANK_LOCAL = "__rank_local__/"  # tensor-name prefix of per-rank optimizer state (never resharded)
@@ -238,6 +243,50 @@ def load_sharded_state(opt: ZeroShardedOptimizer, shards: list[Shard]) -> None:
     opt.reducer.zero_grad()
     if load_master:
         opt._refresh_model()
+
+
+def merge_shard_sets(opt: ZeroShardedOptimizer, sets: list[list[Shard]]) -> list[Shard]:
+    """One saved run holding ``opt``'s parameters, out of several saved runs that each held some of them.
+
+    ``sets``: the shards of every saved optimizer (e.g. one list per saved pipeline stage, each complete
+    over its data-parallel ranks). Each parameter comes from the first set that holds it; its group is the
+    one it has in ``opt`` (the saved optimizers may have numbered their groups differently), with that
+    group's hyperparameters and scalar state taken from where its first parameter came from. The result
+    goes to :func:`load_sharded_state`.
+    """
+    sets = [_check_shards(s) for s in sets if s]
+    if not sets:
+        raise ValueError("merge_shard_sets: no saved optimizer state given")
+    group_of = {slot.name: opt.layout_group[li] for li, lay in enumerate(opt.layouts) for slot in lay.slots}
+    source: dict[str, int] = {}
+    for si, shards in enumerate(sets):
+        for name in shards[0][1]["params"]:
+            if name in group_of:
+                source.setdefault(name, si)
+    missing = sorted(set(group_of) - set(source))
+    if missing:
+        raise ValueError(f"the saved optimizer state has no parameter named {missing[:10]} (of {len(missing)} missing)")
+    n_groups = len(opt.inner.param_groups)
+    groups: list[dict[str, Any] | None] = [None] * n_groups
+    for name, g in group_of.items():  # in layout order: a group's first parameter decides
+        if groups[g] is None:
+            meta = sets[source[name]][0][1]
+            groups[g] = meta["groups"][meta["params"][name]["group"]]
+    used = sorted(set(source.values()))
+    total = sum(len(sets[si]) for si in used)
+    # Every shard's metadata lists every parameter (those it holds no element of as an empty range).
+    empty = {
+        n: {"group": group_of[n], "shape": sets[si][0][1]["params"][n]["shape"], "start": 0, "end": 0}
+        for n, si in source.items()
+    }
+    out: list[Shard] = []
+    for si in used:
+        for tensors, meta in sets[si]:
+            names = {n for n in meta["params"] if source.get(n) == si}
+            params = {**empty, **{n: {**meta["params"][n], "group": group_of[n]} for n in names}}
+            mine = {k: v for k, v in tensors.items() if k.rpartition("/")[0] in names}
+            out.append((mine, {**meta, "params": params, "groups": groups, "rank": len(out), "world_size": total}))
+    return out
 
 
 def _rank_local(opt: ZeroShardedOptimizer, li: int) -> dict[str, torch.Tensor]:

@@ -127,6 +127,14 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         grad_accum_dtype: dtype of the stage-2 gradient partition: ``torch.float32`` or ``compute_dtype``
             (None, the default: ``compute_dtype``, DeepSpeed's default). fp32 makes a 16-bit stage 2
             accumulate exactly and give the same numbers as stages 0-1, for 2Φ/N more bytes.
+        model_parallel_group: with pipeline / tensor parallelism, the ranks holding the other parts of
+            this replica (DeepSpeed's ``mpu.get_model_parallel_group()``, pipe x tensor): the gradient
+            norm (clipping) and the fp16 overflow decision are then taken over the whole model, not
+            just this rank's part. None: no model parallelism.
+        replicated_params: parameters whose gradient another rank of ``model_parallel_group`` holds
+            identically and counts (tensor-parallel replicated biases/norms on tensor rank > 0, tied
+            weights on a pipeline stage other than the first that uses them): left out of the norm so
+            that each element counts once, still unscaled, clipped and checked for inf/nan.
     """
 
     def __init__(
@@ -143,6 +151,8 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         collectives: CollectiveChoice | None = None,
         grad_accum_dtype: torch.dtype | None = None,
         module: nn.Module | None = None,
+        model_parallel_group: dist.ProcessGroup | None = None,
+        replicated_params: Iterable[torch.Tensor] = (),
     ) -> None:
         config = config if config is not None else ZeroConfig()
         if int(config.stage) == 3 and module is None:
@@ -236,6 +246,8 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
             device=device,
             partition_dtype=grad_accum_dtype,
         )
+        self.model_parallel_group = model_parallel_group
+        self._norm_split = self._replicated_ranges({id(p) for p in replicated_params})
         self._boundary = True
         self.last_step_sub_groups = 1  # how many pieces the last step went in (stage 3 sub_group_size)
         self._partition_numel = sum(m.numel() for m in self.masters)  # fixed: the layouts never change
@@ -268,12 +280,15 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         # A 16-bit stage-2 partition is upcast for the step only: unscaling fp16 gradients in fp16 would
         # flush the small ones to zero, and the inner optimizer wants fp32 gradients for fp32 masters.
         grads = [self.reducer.grads_for_step(g).float() for g in range(len(self.masters))]
+        counted, replicated = self._split_for_norm(grads)
         norm, found_inf = unscale_and_clip_(
-            grads,
+            counted,
             self.loss_scaler.inv_scale,
             self.gradient_clipping,
             process_group=self.process_group,
             sharded=self.stage != 0,
+            model_parallel_group=self.model_parallel_group,
+            replicated=replicated,
         )
         self._global_grad_norm = norm
         self.loss_scaler.update_scale(found_inf)
@@ -300,7 +315,17 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         """
         raw = [self.reducer.grads_for_step(i) for i in range(len(self.masters))]
         inv = self.loss_scaler.inv_scale
-        total = global_grad_norm(raw, self.process_group, sharded=True) * inv
+        counted, replicated = self._split_for_norm(raw)
+        total = (
+            global_grad_norm(
+                counted,
+                self.process_group,
+                sharded=True,
+                model_parallel_group=self.model_parallel_group,
+                replicated=replicated,
+            )
+            * inv
+        )
         found_inf = not math.isfinite(total)
         self._global_grad_norm = total
         self.loss_scaler.update_scale(found_inf)
@@ -422,6 +447,37 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         load_sharded_state(self, shards)
 
     # ---- internals ----------------------------------------------------------------------------------
+
+    def _replicated_ranges(self, replicated: set[int]) -> list[list[tuple[int, int]]]:
+        """Per group, the ``[a, b)`` ranges of :meth:`GradReducer.grads_for_step`'s tensor that hold
+        replicated parameters' gradients (see ``replicated_params``); empty lists when there are none."""
+        out: list[list[tuple[int, int]]] = []
+        for lay in self.layouts:
+            lo, hi = (0, lay.padded_numel) if self.stage == 0 else lay.partition(self.rank)
+            ranges = []
+            for p, slot in zip(lay.params, lay.slots, strict=True):
+                a, b = max(lo, slot.offset), min(hi, slot.end)
+                if id(p) in replicated and a < b:
+                    ranges.append((a - lo, b - lo))
+            out.append(ranges)
+        return out
+
+    def _split_for_norm(self, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(counted, replicated)`` views that together cover ``grads``: what the norm counts and what it skips."""
+        if not any(self._norm_split):
+            return grads, []
+        counted: list[torch.Tensor] = []
+        replicated: list[torch.Tensor] = []
+        for grad, ranges in zip(grads, self._norm_split, strict=True):
+            start = 0
+            for a, b in ranges:
+                if start < a:
+                    counted.append(grad[start:a])
+                replicated.append(grad[a:b])
+                start = b
+            if start < grad.numel():
+                counted.append(grad[start:])
+        return counted, replicated
 
     def _build_flat(self, groups: list[Any], device: torch.device) -> None:
         """Stages 0-2: one flat layout per param group; the model's parameters become views into it."""

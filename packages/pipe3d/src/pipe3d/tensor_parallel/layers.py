@@ -12,6 +12,13 @@ all-gathers the sequence first (its backward reduce-scatters), a row-parallel la
 reduce-scatters its output instead of all-reducing it. Layer norms in those regions see part of
 the sequence, so their parameters' gradients must be summed over the group:
 :class:`SequenceParallelLayerNorm` does it inside autograd.
+
+[Note: which parameters are split] A parameter that holds only this rank's slice carries
+``tensor_model_parallel = True`` (Megatron's attribute, which DeepSpeed's
+``is_model_parallel_parameter`` reads): column-parallel weights and biases, row-parallel weights,
+vocab-parallel embeddings. The others (a row-parallel bias, layer norms) are replicated: every
+tensor-parallel rank holds the same values and the same gradient, so a global gradient norm
+counts them on tensor-parallel rank 0 only.
 """
 
 from __future__ import annotations
@@ -34,6 +41,13 @@ from pipe3d.tensor_parallel.mappings import (
 )
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "SequenceParallelLayerNorm", "VocabParallelEmbedding"]
+
+
+def _split(t: torch.Tensor) -> nn.Parameter:
+    """This rank's slice as a parameter marked as split (see [Note: which parameters are split])."""
+    p = nn.Parameter(t.detach().clone())
+    p.tensor_model_parallel = True  # type: ignore[attr-defined]
+    return p
 
 
 def _divide(n: int, parts: int, what: str) -> int:
@@ -74,8 +88,8 @@ class ColumnParallelLinear(nn.Module):
         dense = nn.Linear(input_size, output_size, bias=bias)
         lo = tp_rank(group) * self.output_size_per_partition
         hi = lo + self.output_size_per_partition
-        self.weight = nn.Parameter(dense.weight.detach()[lo:hi].clone())
-        self.bias = nn.Parameter(dense.bias.detach()[lo:hi].clone()) if bias else None
+        self.weight = _split(dense.weight[lo:hi])
+        self.bias = _split(dense.bias[lo:hi]) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Outputs of this rank's rows (all of them with ``gather_output``)."""
@@ -123,7 +137,7 @@ class RowParallelLinear(nn.Module):
         dense = nn.Linear(input_size, output_size, bias=bias)
         lo = tp_rank(group) * self.input_size_per_partition
         hi = lo + self.input_size_per_partition
-        self.weight = nn.Parameter(dense.weight.detach()[:, lo:hi].clone())
+        self.weight = _split(dense.weight[:, lo:hi])
         self.bias = nn.Parameter(dense.bias.detach().clone()) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,7 +174,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_start = tp_rank(group) * per
         self.vocab_end = self.vocab_start + per
         dense = nn.Embedding(num_embeddings, embedding_dim)
-        self.weight = nn.Parameter(dense.weight.detach()[self.vocab_start : self.vocab_end].clone())
+        self.weight = _split(dense.weight[self.vocab_start : self.vocab_end])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """The dense embedding of ``ids``."""

@@ -155,6 +155,11 @@ def resolve_auto(raw: dict[str, Any], ctx: AutoContext) -> dict[str, Any]:
             if value == "auto" and key in by_hidden:
                 zero[key] = by_hidden[key]
 
+    pipeline = cfg.get("pipeline")
+    if isinstance(pipeline, dict) and pipeline.get("stages") == "auto":
+        # DeepSpeed's default: the PipelineModule's own stage count (the section's default is "auto").
+        del pipeline["stages"]
+
     leftover = _find_auto(cfg)
     if leftover:
         raise ConfigError(f"ds_config.{leftover} is 'auto', which zero-all cannot resolve; write a value")

@@ -129,6 +129,8 @@ class ZeroAllConfig(_Strict):
     zero_optimization: s.ZeroConfig = Field(default_factory=s.ZeroConfig)
     aio: s.AioConfig = Field(default_factory=s.AioConfig)
     activation_checkpointing: s.ActivationCheckpointingConfig = Field(default_factory=s.ActivationCheckpointingConfig)
+    pipeline: s.PipelineConfig = Field(default_factory=s.PipelineConfig)
+    """Pipeline engine settings (pipe3d's section: the schedule, DeepSpeed's keys)."""
     tensorboard: s.TensorBoardConfig = Field(default_factory=s.TensorBoardConfig)
     csv_monitor: s.CSVMonitorConfig = Field(default_factory=s.CSVMonitorConfig)
     wandb: s.WandbConfig = Field(default_factory=s.WandbConfig)

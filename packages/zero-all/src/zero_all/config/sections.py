@@ -20,6 +20,7 @@ __all__ = [
     "CSVMonitorConfig",
     "CometConfig",
     "FP16Config",
+    "PipelineConfig",
     "TensorBoardConfig",
     "WandbConfig",
     "ZeroConfig",
@@ -63,6 +64,11 @@ try:
     from zero_shard.config import ZeroConfig
 except ImportError:  # pragma: no cover
     ZeroConfig = _pending("zero_optimization", _PendingZero)
+
+try:
+    from pipe3d.config import PipelineConfig
+except ImportError:  # pragma: no cover
+    PipelineConfig = _pending("pipeline")
 
 try:
     from offload_io.config import AioConfig
