@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import ds_native
-from ds_native import aio
+from ds_native import aio, memory
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -209,6 +209,18 @@ def test_aligned_empty() -> None:
             assert t.data_ptr() % 4096 == 0
     assert aio.aligned_empty(10, alignment=1 << 16).data_ptr() % (1 << 16) == 0
     assert aio.aligned_empty(10, pin=True).is_pinned() == torch.cuda.is_available()
+
+
+@pytest.mark.skipif(
+    memory.thp_mode() not in ("always", "madvise") or memory.huge_page_bytes() == 0,
+    reason=f"transparent huge pages are {memory.thp_mode()} on this machine",
+)
+def test_large_aligned_buffers_ask_for_huge_pages() -> None:
+    t = aio.aligned_empty(16 << 20)
+    assert t.data_ptr() % memory.huge_page_bytes() == 0
+    assert memory.huge_page_advised_bytes(t) == 16 << 20  # the whole buffer carries the advice
+    assert memory.huge_page_advised_bytes(aio.aligned_empty(16 << 20, huge_pages=False)) == 0
+    assert aio.aligned_empty(1 << 20).data_ptr() % 4096 == 0  # small ones: plain pages
 
 
 def test_backends_are_reported() -> None:

@@ -3,6 +3,7 @@
 #include "aio/engine.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -43,9 +44,18 @@ int64_t file_size(int fd) {
 
 // An aligned scratch buffer of one block, allocated the first time a worker slot
 // meets memory that O_DIRECT cannot use in place.
+// Blocks of 2 MiB and more start on a huge-page boundary and ask for transparent huge pages:
+// O_DIRECT pins and maps the memory of every operation page by page (see aligned_empty).
 char* alloc_bounce(int64_t block_size) {
+  constexpr int64_t kHuge = int64_t{2} << 20;
+  const bool huge = block_size >= kHuge;
   void* p = nullptr;
-  if (posix_memalign(&p, kAlign, static_cast<size_t>(block_size)) != 0) return nullptr;
+  if (posix_memalign(&p, static_cast<size_t>(huge ? kHuge : kAlign), static_cast<size_t>(block_size)) != 0) {
+    return nullptr;
+  }
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (huge) madvise(p, static_cast<size_t>(block_size / kHuge * kHuge), MADV_HUGEPAGE);
+#endif
   return static_cast<char*>(p);
 }
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from ds_native import _ds_native_aio
+from ds_native import _ds_native_aio, memory
 
 ALIGNMENT = 4096
 _ORDER = ("io_uring", "libaio", "threadpool")
@@ -80,13 +80,22 @@ def _check_backend(name: str, what: str) -> str:
 
 
 def aligned_empty(
-    numel: int, dtype: torch.dtype = torch.uint8, alignment: int = ALIGNMENT, pin: bool = False
+    numel: int,
+    dtype: torch.dtype = torch.uint8,
+    alignment: int = ALIGNMENT,
+    pin: bool = False,
+    huge_pages: bool | None = None,
 ) -> torch.Tensor:
     """An uninitialised 1-D CPU tensor of ``numel`` elements whose memory starts on an ``alignment``
     boundary (a power of two, at least 512): O_DIRECT reads and writes use it without a bounce copy.
 
     ``pin=True`` allocates page-locked (pinned) memory when CUDA is available, for fast copies to and
     from the GPU; on a machine without CUDA the buffer is ordinary memory (nothing to pin for).
+
+    ``huge_pages`` (default: for unpinned buffers of 4 MiB and more) starts the buffer on a huge-page
+    boundary and asks Linux to back it with transparent huge pages. Every O_DIRECT operation pins and
+    maps its memory page by page, so 2 MiB pages instead of 4 KiB ones make each 1 MiB block cheaper:
+    measured on the 2-core VM of docs/aio.md, 1 MiB x 8 reads ran 1.6x faster from such a buffer.
     """
     if not isinstance(numel, int) or numel < 0:
         raise ValueError(f"aligned_empty: numel must be an int >= 0, got {numel!r}")
@@ -94,8 +103,16 @@ def aligned_empty(
         raise ValueError(f"aligned_empty: alignment must be a power of two >= 512, got {alignment}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = numel * itemsize
-    raw = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=bool(pin and torch.cuda.is_available()))
+    pinned = bool(pin and torch.cuda.is_available())
+    if huge_pages is None:
+        huge_pages = not pinned and nbytes >= memory.MIN_BYTES
+    huge = memory.huge_page_bytes() if huge_pages and not pinned else 0
+    alignment = max(alignment, huge)
+    raw = torch.empty(nbytes + alignment, dtype=torch.uint8, pin_memory=pinned)
     shift = (-raw.data_ptr()) % alignment
+    if huge:
+        # Before the first touch: the advice decides which pages the first faults bring in.
+        memory.advise_huge_pages(raw[shift : shift + nbytes])
     # The slice shares raw's storage, which stays alive as long as the returned view.
     return raw[shift : shift + nbytes].view(dtype)
 
