@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -421,3 +422,40 @@ def test_read_only_directory(backend: str, read_only_dir: tuple[Path, int]) -> N
     out = torch.zeros(5000, dtype=torch.uint8)
     h.sync_pread(out, where / "existing.bin")  # reading is still fine
     assert bytes(out.numpy()) == b"y" * 5000
+
+
+def _direct_io_supported(directory: Path) -> bool:
+    probe = directory / "odirect.probe"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY | getattr(os, "O_DIRECT", 0), 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    probe.unlink()
+    return hasattr(os, "O_DIRECT")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_direct_io_bypasses_the_page_cache(backend: str, tmp_path: Path) -> None:
+    """With use_direct (the default) the aligned part never enters the page cache; without it, it does.
+    Checked with util-linux's fincore (the page-cache residency of a file)."""
+    if shutil.which("fincore") is None:
+        pytest.skip("fincore (util-linux) is not installed")
+    if not _direct_io_supported(tmp_path):
+        pytest.skip(f"the filesystem of {tmp_path} has no O_DIRECT")
+
+    def cached_pages(path: Path) -> int:
+        out = subprocess.run(
+            ["fincore", "--bytes", "--noheadings", "--output", "PAGES", str(path)], capture_output=True, text=True
+        )
+        return int(out.stdout.split()[0])
+
+    data = aio.aligned_empty(8 << 20).copy_(_random_bytes(8 << 20, seed=3))
+    direct, buffered = tmp_path / "direct.bin", tmp_path / "buffered.bin"
+    aio.AsyncIOHandle(backend=backend).sync_pwrite(data, direct)
+    aio.AsyncIOHandle(backend=backend, use_direct=False).sync_pwrite(data, buffered)
+    back = aio.aligned_empty(8 << 20)
+    aio.AsyncIOHandle(backend=backend).sync_pread(back, direct)
+    assert torch.equal(back, data)
+    assert cached_pages(direct) == 0
+    assert cached_pages(buffered) > (8 << 20) // 4096 // 2  # (memory pressure may evict a few)
