@@ -222,7 +222,8 @@ class AsyncIOHandle:
         attached as notes. Every request counts as collected either way.
         """
         results = self._engine.wait_all()
-        self._live.clear()
+        for result in results:  # only these: another thread may have queued more meanwhile
+            self._live.pop(result[0], None)
         failed = [r for r in results if r[5] != 0]
         if failed:
             err = _error(failed[0])
