@@ -242,6 +242,8 @@ std::vector<Probe> probe_backends() {
   const int ue = uring_selftest();
   u.usable = ue == 0;
   if (ue != 0) u.reason = why(ue, "io_uring setup and a no-op");
+#elif defined(DS_AIO_URING_DISABLED)
+  u.reason = "not compiled: disabled at build time (DS_NATIVE_IO_URING=OFF)";
 #else
   u.reason = "not compiled: liburing (liburing-dev) was not found when ds-native was built";
 #endif
