@@ -6,7 +6,8 @@ built when a CUDA compiler was found and imported only when a CUDA tensor
 needs them, so ``import ds_native`` works on machines without CUDA.
 
 Optimizers over these kernels live in ``ds_native.optim`` (``CPUAdam``,
-``FusedAdam``, ``cpu_adam_step``).
+``FusedAdam``, ``cpu_adam_step``); async file IO (io_uring / kernel AIO / thread
+pool, O_DIRECT) in ``ds_native.aio`` (module ``_ds_native_aio``).
 """
 
 from __future__ import annotations

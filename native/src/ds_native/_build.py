@@ -33,8 +33,12 @@ def build_info() -> dict[str, Any]:
     Keys: ``version``, ``abi_version``, ``cpu_isa_variants`` (compiled),
     ``cpu_isa_detected`` (best this CPU supports), ``cpu_isa_active`` (what
     kernels use now), ``cuda`` (extension compiled), ``cuda_archs``,
-    ``cuda_compiler_version``, ``cxx_compiler``, ``openmp``, ``io_backends``.
+    ``cuda_compiler_version``, ``cxx_compiler``, ``openmp``, ``io_backends`` (the async IO
+    backends compiled in), ``io_backends_usable`` (those this machine allows now, probed) and
+    ``io_backends_unusable`` (backend: reason, for compiled ones the probe refused).
     """
+    from ds_native import aio
+
     facts = _compiled_facts()
     cuda = cuda_compiled()
     return {
@@ -49,6 +53,10 @@ def build_info() -> dict[str, Any]:
         "cxx_compiler": facts["cxx_compiler"],
         "openmp": facts["openmp"],
         "io_backends": facts["io_backends"].split(","),
+        "io_backends_usable": aio.backends(),
+        "io_backends_unusable": {
+            b["name"]: b["reason"] for b in aio.backend_report() if b["compiled"] and not b["usable"]
+        },
     }
 
 
