@@ -1,0 +1,248 @@
+"""Rank functions for test_trainer.py: the Hugging Face Trainer, with and without zero-all, on 2 gloo ranks.
+
+Every case builds its model from the tiny local configs (examples/tools/make_assets.py) with a
+fixed seed, tokenizes a small slice of the local data with ``datasets`` and trains through the
+real ``transformers.Trainer`` / ``Seq2SeqTrainer``. The per-step losses come from the Trainer's
+own log history (``logging_steps=1``: each is the mean over the ranks of that optimizer step).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SEQ = 32
+
+
+def _quiet() -> None:
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def clm_data(assets: dict[str, str], rows: int) -> tuple[Any, Any]:
+    """``rows`` prompt+answer texts of the reward-model parquet, tokenized to SEQ tokens, labels masked at padding."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets["llama"])
+    tok.pad_token = tok.eos_token
+    ds = datasets.load_dataset("parquet", data_files=assets["clm_data"], split="train").select(range(rows))
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, Any]:
+        texts = [p + c + tok.eos_token for p, c in zip(batch["prompt"], batch["chosen"], strict=True)]
+        enc = tok(texts, max_length=SEQ, padding="max_length", truncation=True)
+        enc["labels"] = [
+            [t if m else -100 for t, m in zip(ids, mask, strict=True)]
+            for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)
+        ]
+        return enc
+
+    return ds.map(tokenize, batched=True, remove_columns=ds.column_names), tok
+
+
+def llama(assets: dict[str, str], seed: int) -> Any:
+    """The tiny Llama from its config, initialised from ``seed`` (the same weights on every rank and every run)."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(AutoConfig.from_pretrained(assets["llama"]))
+
+
+class _Losses:
+    """The ``loss`` of each logged step, from the Trainer's log history."""
+
+    @staticmethod
+    def of(trainer: Any) -> dict[int, float]:
+        return {h["step"]: float(h["loss"]) for h in trainer.state.log_history if "loss" in h}
+
+    @staticmethod
+    def lrs(trainer: Any) -> dict[int, float]:
+        return {h["step"]: float(h["learning_rate"]) for h in trainer.state.log_history if "learning_rate" in h}
+
+
+def _args(cls: Any, out: Path, **kw: Any) -> Any:
+    base = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 2e-3,
+        "weight_decay": 0.01,
+        "warmup_steps": 2,
+        "lr_scheduler_type": "linear",
+        "max_steps": 6,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": 11,
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "ddp_backend": "gloo",
+    }
+    base.update(kw)
+    return cls(**base)
+
+
+ZERO1 = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "train_batch_size": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 1, "reduce_bucket_size": "auto"},
+}
+
+
+def llama_runs(rank: int, world_size: int, root: str, assets: dict[str, str]) -> dict[str, Any]:
+    """The tiny Llama: the Trainer's DDP path and zero-all ZeRO-1 (fp32, same seed and data); then bf16 with resume."""
+    from transformers import Trainer, TrainingArguments
+
+    from zero_all.integrations.transformers import ZeroAllTrainer
+
+    _quiet()
+    train, tok = clm_data(assets, 96)
+    out: dict[str, Any] = {}
+
+    ddp = Trainer(model=llama(assets, 5), args=_args(TrainingArguments, Path(root) / "ddp"), train_dataset=train)
+    ddp.train()
+    out["ddp"] = _Losses.of(ddp)
+    out["ddp_lr"] = _Losses.lrs(ddp)
+    out["ddp_type"] = type(ddp.model_wrapped).__name__
+
+    z1 = ZeroAllTrainer(
+        model=llama(assets, 5),
+        args=_args(TrainingArguments, Path(root) / "z1"),
+        train_dataset=train,
+        zero_all_config=copy.deepcopy(ZERO1),
+    )
+    z1.train()
+    out["z1"] = _Losses.of(z1)
+    out["z1_lr"] = _Losses.lrs(z1)
+    out["z1_engine"] = type(z1.model_wrapped).__name__
+    out["z1_stage"] = z1.engine.zero_optimization_stage()
+    out["z1_resolved"] = z1.zero_all_resolved_config
+
+    # bf16, a checkpoint every 3 steps; then a fresh Trainer resumes from checkpoint-3.
+    bf_args = dict(bf16=True, max_steps=6, save_strategy="steps", save_steps=3, save_only_model=False)
+    full = ZeroAllTrainer(
+        model=llama(assets, 5),
+        args=_args(TrainingArguments, Path(root) / "bf16", **bf_args),
+        train_dataset=train,
+        zero_all_config=copy.deepcopy(ZERO1),
+    )
+    full.train()
+    out["bf16"] = _Losses.of(full)
+    out["bf16_dtype"] = str(next(full.model.parameters()).dtype)
+    ckpt = Path(root) / "bf16" / "checkpoint-3"
+    out["ckpt_files"] = sorted(p.name for p in ckpt.iterdir())
+    resumed = ZeroAllTrainer(
+        model=llama(assets, 99),  # different weights: everything must come from the checkpoint
+        args=_args(TrainingArguments, Path(root) / "bf16", **bf_args),
+        train_dataset=train,
+        zero_all_config=copy.deepcopy(ZERO1),
+    )
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    out["resumed"] = _Losses.of(resumed)
+    out["resumed_global_steps"] = resumed.engine.global_steps
+    same = all(
+        torch.equal(a, b)
+        for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True)
+    )
+    out["resumed_weights_equal"] = same
+    return out
+
+
+def mt_data(assets: dict[str, str], rows: int, tok: Any) -> Any:
+    """Translation pairs (``translate English to Zorbish: ...`` -> the cipher), SEQ source and label tokens."""
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=assets["mt_data"], split="train").select(range(rows))
+
+    def tokenize(batch: dict[str, list[dict[str, str]]]) -> dict[str, Any]:
+        src = ["translate English to Zorbish: " + p["en"] + tok.eos_token for p in batch["translation"]]
+        tgt = [p["zx"] + tok.eos_token for p in batch["translation"]]
+        enc = tok(src, max_length=SEQ, padding="max_length", truncation=True)
+        labels = tok(text_target=tgt, max_length=SEQ, padding="max_length", truncation=True)["input_ids"]
+        enc["labels"] = [[t if t != tok.pad_token_id else -100 for t in row] for row in labels]
+        return enc
+
+    return ds.map(tokenize, batched=True, remove_columns=ds.column_names)
+
+
+def t5_seq2seq(rank: int, world_size: int, root: str, assets: dict[str, str], config: str) -> dict[str, Any]:
+    """Seq2SeqTrainer on the tiny T5 with the Hugging Face ZeRO-2 "auto" config, through the one-import route."""
+    from transformers import AutoConfig, AutoTokenizer, T5ForConditionalGeneration
+
+    # The one import a Seq2SeqTrainer script changes; its --deepspeed argument is then zero-all's.
+    from zero_all.integrations.transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    _quiet()
+    tok = AutoTokenizer.from_pretrained(assets["t5"])
+    data = mt_data(assets, 192, tok).train_test_split(test_size=32, seed=0)
+    torch.manual_seed(3)
+    model = T5ForConditionalGeneration(AutoConfig.from_pretrained(assets["t5"]))
+    args = _args(
+        Seq2SeqTrainingArguments,
+        Path(root) / "t5",
+        deepspeed=config,
+        bf16=True,
+        max_steps=16,
+        learning_rate=3e-3,
+        warmup_steps=3,
+        max_grad_norm=0.5,
+        adam_beta2=0.98,
+        weight_decay=0.0,
+        eval_strategy="steps",
+        eval_steps=8,
+    )
+    trainer = Seq2SeqTrainer(
+        model=model, args=args, train_dataset=data["train"], eval_dataset=data["test"], processing_class=tok
+    )
+    first_eval = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    last_eval = trainer.evaluate()["eval_loss"]
+    export = Path(root) / "t5" / "final"
+    trainer.save_model(str(export))
+    out: dict[str, Any] = {
+        "losses": _Losses.of(trainer),
+        "evals": [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h],
+        "first_eval": first_eval,
+        "last_eval": last_eval,
+        "stage": trainer.engine.zero_optimization_stage(),
+        "resolved": trainer.zero_all_resolved_config,
+        "world_size": world_size,
+        "args": {
+            "micro": args.per_device_train_batch_size,
+            "gas": args.gradient_accumulation_steps,
+            "lr": args.learning_rate,
+            "betas": [args.adam_beta1, args.adam_beta2],
+            "eps": args.adam_epsilon,
+            "wd": args.weight_decay,
+            "clip": args.max_grad_norm,
+            "warmup": args.get_warmup_steps(16),
+        },
+        "deepspeed_arg": args.deepspeed,
+        "engine_dtype": str(next(trainer.model.parameters()).dtype),
+        "lr_last": trainer.engine.get_lr()[0],
+    }
+    if rank == 0:
+        loaded = T5ForConditionalGeneration.from_pretrained(str(export), dtype="auto")
+        mine, theirs = trainer.model.state_dict(), loaded.state_dict()
+        out["export_files"] = sorted(p.name for p in export.iterdir())
+        out["export_equal"] = all(torch.equal(mine[k], theirs[k]) for k in theirs) and set(theirs) <= set(mine)
+        out["export_dtype"] = str(next(loaded.parameters()).dtype)
+    return out
+
+
+def write_json(path: str, obj: Any) -> None:
+    """For debugging a failing case by hand."""
+    Path(path).write_text(json.dumps(obj, indent=1, default=str))
