@@ -64,6 +64,10 @@ class _Losses:
         return {h["step"]: float(h["loss"]) for h in trainer.state.log_history if "loss" in h}
 
     @staticmethod
+    def grad_norms(trainer: Any) -> dict[int, float]:
+        return {h["step"]: float(h["grad_norm"]) for h in trainer.state.log_history if "grad_norm" in h}
+
+    @staticmethod
     def lrs(trainer: Any) -> dict[int, float]:
         return {h["step"]: float(h["learning_rate"]) for h in trainer.state.log_history if "learning_rate" in h}
 
@@ -86,7 +90,6 @@ def _args(cls: Any, out: Path, **kw: Any) -> Any:
         "use_cpu": True,
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
-        "ddp_backend": "gloo",
     }
     base.update(kw)
     return cls(**base)
@@ -112,21 +115,26 @@ def llama_runs(rank: int, world_size: int, root: str, assets: dict[str, str]) ->
     train, tok = clm_data(assets, 96)
     out: dict[str, Any] = {}
 
-    ddp = Trainer(model=llama(assets, 5), args=_args(TrainingArguments, Path(root) / "ddp"), train_dataset=train)
+    # Two epochs of 12 micro-batches per rank with accumulation 5: steps of 5, 5 and a shorter 2 in each
+    # epoch, so the Trainer's own boundary decisions (not a fixed count) must reach the engine.
+    fp32 = dict(max_steps=-1, num_train_epochs=2, gradient_accumulation_steps=5)
+    ddp = Trainer(model=llama(assets, 5), args=_args(TrainingArguments, Path(root) / "ddp", **fp32), train_dataset=train)
     ddp.train()
     out["ddp"] = _Losses.of(ddp)
     out["ddp_lr"] = _Losses.lrs(ddp)
+    out["ddp_norm"] = _Losses.grad_norms(ddp)
     out["ddp_type"] = type(ddp.model_wrapped).__name__
 
     z1 = ZeroAllTrainer(
         model=llama(assets, 5),
-        args=_args(TrainingArguments, Path(root) / "z1"),
+        args=_args(TrainingArguments, Path(root) / "z1", **fp32),
         train_dataset=train,
         zero_all_config=copy.deepcopy(ZERO1),
     )
     z1.train()
     out["z1"] = _Losses.of(z1)
     out["z1_lr"] = _Losses.lrs(z1)
+    out["z1_norm"] = _Losses.grad_norms(z1)
     out["z1_engine"] = type(z1.model_wrapped).__name__
     out["z1_stage"] = z1.engine.zero_optimization_stage()
     out["z1_resolved"] = z1.zero_all_resolved_config
