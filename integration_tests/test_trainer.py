@@ -157,7 +157,9 @@ def test_unresolvable_auto_names_the_key(tmp_path: Path) -> None:
     # A bucket size from the hidden size, for a model whose config has none.
     cfg = HfZeroAllConfig({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}})
     cfg.trainer_config_process(args)
-    with pytest.raises(ConfigError, match=r"zero_optimization.reduce_bucket_size = 'auto'.*Linear.config has no hidden"):
+    with pytest.raises(
+        ConfigError, match=r"zero_optimization.reduce_bucket_size = 'auto'.*Linear.config has no hidden"
+    ):
         cfg.trainer_config_finalize(args, torch.nn.Linear(2, 2), 10)
     # A key no TrainingArguments value stands for.
     cfg = HfZeroAllConfig({"optimizer": {"type": "AdamW", "params": {"lr": "auto", "amsgrad": "auto"}}})

@@ -112,13 +112,15 @@ def llama_runs(rank: int, world_size: int, root: str, assets: dict[str, str]) ->
     from zero_all.integrations.transformers import ZeroAllTrainer
 
     _quiet()
-    train, tok = clm_data(assets, 96)
+    train, _ = clm_data(assets, 96)
     out: dict[str, Any] = {}
 
     # Two epochs of 12 micro-batches per rank with accumulation 5: steps of 5, 5 and a shorter 2 in each
     # epoch, so the Trainer's own boundary decisions (not a fixed count) must reach the engine.
     fp32 = dict(max_steps=-1, num_train_epochs=2, gradient_accumulation_steps=5)
-    ddp = Trainer(model=llama(assets, 5), args=_args(TrainingArguments, Path(root) / "ddp", **fp32), train_dataset=train)
+    ddp = Trainer(
+        model=llama(assets, 5), args=_args(TrainingArguments, Path(root) / "ddp", **fp32), train_dataset=train
+    )
     ddp.train()
     out["ddp"] = _Losses.of(ddp)
     out["ddp_lr"] = _Losses.lrs(ddp)

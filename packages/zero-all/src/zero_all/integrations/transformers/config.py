@@ -161,14 +161,16 @@ class HfZeroAllConfig:
             self.mismatches = []
             raise ConfigError(
                 f"the ds_config ({self.source}) contradicts the TrainingArguments:\n  {lines}\n"
-                "Change one side, or write \"auto\" in the ds_config to take the TrainingArguments' value."
+                'Change one side, or write "auto" in the ds_config to take the TrainingArguments\' value.'
             )
 
     def trainer_config_process(self, args: Any, auto_find_batch_size: bool = False) -> None:
         """Fill and check what the ``TrainingArguments`` decide; ConfigError listing every contradiction."""
         micro = int(args.per_device_train_batch_size)
         gas = int(args.gradient_accumulation_steps)
-        self.fill_match("train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size", not auto_find_batch_size)
+        self.fill_match(
+            "train_micro_batch_size_per_gpu", micro, "per_device_train_batch_size", not auto_find_batch_size
+        )
         self.fill_match("gradient_accumulation_steps", gas, "gradient_accumulation_steps")
         self.fill_match(
             "train_batch_size",
@@ -222,4 +224,3 @@ class HfZeroAllConfig:
                 "(the keys filled from them are listed in docs/trainer.md): write a value"
             )
         return copy.deepcopy(self.config)
-

@@ -180,9 +180,9 @@ class ZeroAllTrainerMixin:
         # already a share of the accumulated batch; a per-batch mean is divided by this step's length.
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:
-            scaled = (
-                getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
-            ) or getattr(self, "compute_loss_func", None) is not None
+            scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or getattr(
+                self, "compute_loss_func", None
+            ) is not None
         if not scaled:
             loss = loss / self.current_gradient_accumulation_steps
         # The Trainer decides the boundary (the last accumulation of an epoch can be shorter).
@@ -258,4 +258,3 @@ class ZeroAllTrainer(ZeroAllTrainerMixin, Trainer):
 
 class ZeroAllSeq2SeqTrainer(ZeroAllTrainerMixin, Seq2SeqTrainer):
     """``transformers.Seq2SeqTrainer`` trained by zero-all: same arguments plus ``zero_all_config=`` (a ds_config)."""
-
