@@ -115,7 +115,7 @@ def tests(session: nox.Session, package: str) -> None:
 def integration(session: nox.Session) -> None:
     """Cross-package tests, repository checks and the test helper's own tests, with everything installed."""
     _ensure_debian_packages(session)
-    _install(session, "./packages/zero-all[test,hf]", "./packages/ds-monitor[tensorboard,plot]", *TEST_TOOLS)
+    _install(session, "./packages/zero-all[test,hf,trainer]", "./packages/ds-monitor[tensorboard,plot]", *TEST_TOOLS)
     session.run("python", "-m", "pytest", "integration_tests", "testing/tests", *session.posargs)
 
 
