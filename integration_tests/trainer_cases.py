@@ -256,3 +256,55 @@ def t5_seq2seq(rank: int, world_size: int, root: str, assets: dict[str, str], co
 def write_json(path: str, obj: Any) -> None:
     """For debugging a failing case by hand."""
     Path(path).write_text(json.dumps(obj, indent=1, default=str))
+
+
+def zero3_runs(rank: int, world_size: int, root: str, assets: dict[str, str]) -> dict[str, Any]:
+    """ZeRO-3: from_pretrained_zero3 builds the model partitioned and loads the weights; the Trainer trains and exports."""
+    import torch.distributed as dist
+    from transformers import LlamaForCausalLM, TrainingArguments
+
+    from zero_all.integrations.transformers import ZeroAllTrainer, from_pretrained_zero3
+    from zero_all.zero import GatheredParameters
+
+    _quiet()
+    train, _ = clm_data(assets, 48)
+    src = llama(assets, 5)
+    folder = Path(root) / "pretrained"
+    if rank == 0:
+        src.save_pretrained(str(folder))
+    dist.barrier()
+    model = from_pretrained_zero3(LlamaForCausalLM, str(folder))
+    out: dict[str, Any] = {}
+    q = model.model.layers[0].self_attn.q_proj.weight
+    out["local_numel"] = int(q.numel())  # the partitioned parameter holds no full tensor between uses
+    loaded_equal = True
+    for (name, p), (_, ref) in zip(model.named_parameters(), src.named_parameters(), strict=True):
+        with GatheredParameters([p]):
+            loaded_equal &= bool(torch.equal(p.data, ref.data))
+    out["loaded_equal"] = loaded_equal
+    cfg = {
+        **ZERO1,
+        "zero_optimization": {
+            "stage": 3,
+            "reduce_bucket_size": "auto",
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+        },
+    }
+    trainer = ZeroAllTrainer(
+        model=model,
+        args=_args(TrainingArguments, Path(root) / "z3", max_steps=3, gradient_accumulation_steps=1),
+        train_dataset=train,
+        zero_all_config=cfg,
+    )
+    trainer.train()
+    out["losses"] = _Losses.of(trainer)
+    out["stage"] = trainer.engine.zero_optimization_stage()
+    out["resolved_z"] = trainer.zero_all_resolved_config["zero_optimization"]
+    trainer.save_model(str(Path(root) / "z3" / "final"))
+    full = trainer.engine.consolidated_state_dict(torch.float32)
+    if rank == 0:
+        loaded = LlamaForCausalLM.from_pretrained(str(Path(root) / "z3" / "final"))
+        out["export_equal"] = all(torch.equal(v, full[k]) for k, v in loaded.state_dict().items() if k in full)
+        out["export_changed"] = not torch.equal(loaded.model.norm.weight, src.model.norm.weight)
+    return out

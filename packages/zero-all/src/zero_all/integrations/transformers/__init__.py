@@ -16,6 +16,7 @@ from ``TrainingArguments`` and the model, contradictions refused. See docs/train
 from zero_all.integrations.transformers.arguments import ZeroAllSeq2SeqTrainingArguments, ZeroAllTrainingArguments
 from zero_all.integrations.transformers.config import HfZeroAllConfig
 from zero_all.integrations.transformers.trainer import ZeroAllSeq2SeqTrainer, ZeroAllTrainer, ZeroAllTrainerMixin
+from zero_all.integrations.transformers.zero3 import from_pretrained_zero3
 
 # The drop-in names: `from zero_all.integrations.transformers import Trainer, TrainingArguments`.
 Trainer = ZeroAllTrainer
@@ -34,4 +35,5 @@ __all__ = [
     "ZeroAllTrainer",
     "ZeroAllTrainerMixin",
     "ZeroAllTrainingArguments",
+    "from_pretrained_zero3",
 ]
