@@ -278,7 +278,7 @@ def zero3_runs(rank: int, world_size: int, root: str, assets: dict[str, str]) ->
     q = model.model.layers[0].self_attn.q_proj.weight
     out["local_numel"] = int(q.numel())  # the partitioned parameter holds no full tensor between uses
     loaded_equal = True
-    for (name, p), (_, ref) in zip(model.named_parameters(), src.named_parameters(), strict=True):
+    for (_, p), (_, ref) in zip(model.named_parameters(), src.named_parameters(), strict=True):
         with GatheredParameters([p]):
             loaded_equal &= bool(torch.equal(p.data, ref.data))
     out["loaded_equal"] = loaded_equal

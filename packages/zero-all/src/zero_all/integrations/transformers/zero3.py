@@ -45,7 +45,10 @@ class _Reader:
         self._handles = [safe_open(str(f), framework="pt") for f in files]
         self._where = {k: h for h in self._handles for k in h.keys()}  # noqa: SIM118  (safe_open has no __iter__)
 
-    def keys(self) -> set[str]:
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> set[str]:
         return set(self._where)
 
     def get(self, name: str) -> torch.Tensor:
@@ -90,22 +93,24 @@ def from_pretrained_zero3(model_cls: Any, path: str, *, dtype: torch.dtype | Non
                         _copy(p, reader, name, folder)
         for n, buf in module.named_buffers(recurse=False):
             name = f"{prefix}.{n}" if prefix else n
-            if reader is not None and buf is not None and name in reader.keys():
+            if reader is not None and buf is not None and name in reader:
                 buf.data.copy_(reader.get(name).to(buf.dtype))
     # Buffers are not partitioned: give every rank rank 0's (persistent) values.
     if dist.is_initialized():
         for buf in model.buffers():
             dist.broadcast(buf.data, src=0)
     if reader is not None:
-        unexpected = reader.keys() - wanted - {k for k, _ in model.named_buffers()}
+        unexpected = reader.names() - wanted - {k for k, _ in model.named_buffers()}
         if unexpected:
-            raise KeyError(f"from_pretrained_zero3({str(folder)!r}): keys the model does not have: {sorted(unexpected)}")
+            raise KeyError(
+                f"from_pretrained_zero3({str(folder)!r}): keys the model does not have: {sorted(unexpected)}"
+            )
     model.eval()
     return model
 
 
 def _copy(param: torch.nn.Parameter, reader: _Reader, name: str, folder: Path) -> None:
-    if name not in reader.keys():
+    if name not in reader:
         raise KeyError(f"from_pretrained_zero3({str(folder)!r}): the checkpoint has no {name!r}")
     value = reader.get(name)
     if tuple(value.shape) != tuple(param.shape):
