@@ -148,7 +148,7 @@ def bench(session: nox.Session) -> None:
     at first use, minutes) so the benchmarks add its rows; they do whenever it is importable.
     `-- --only NAME` runs one script (e.g. `--only cpu_adam`).
     """
-    _install(session, "./packages/zero-all", "./packages/ds-monitor[tensorboard,plot]", "numpy")
+    _install(session, "./packages/zero-all[trainer]", "./packages/ds-monitor[tensorboard,plot]", "numpy")
     if "--deepspeed" in session.posargs:
         _install(session, "deepspeed")
     session.env.setdefault("DS_ACCELERATOR", "cpu")

@@ -170,6 +170,13 @@ def main() -> None:
         _worker(args)
         return
 
+    try:
+        import accelerate  # noqa: F401
+        import datasets  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        print(f"trainer benchmark skipped: {e.name} is not installed (pip install 'zero-all[trainer]')")
+        return
     sys.path.insert(0, str(ROOT / "examples" / "tools"))
     from make_assets import make_all
 
