@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+
 from zero_testkit import run_distributed
 
 
@@ -28,7 +29,9 @@ def boundary_case(rank: int, world_size: int, stage: int) -> dict:
         "gradient_accumulation_steps": 3,
         "zero_optimization": {"stage": stage},
     }
-    engine, *_ = zero_all.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), config=cfg)
+    engine, *_ = zero_all.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), config=cfg
+    )
     gen = torch.Generator().manual_seed(100 + rank)
     steps = []
     # Accumulations of 3, then a short one of 2 (boundary forced), then 3 again.
