@@ -18,11 +18,13 @@ included), and ``--steps`` optimizer steps after one discarded warm-up run per r
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +57,22 @@ def _worker(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # A route that stops making progress prints every thread's stack and exits, instead of hanging.
+    faulthandler.dump_traceback_later(args.route_timeout, exit=True)
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")  # every route reuses it (DeepSpeed on CPU would pick another backend)
     tok = AutoTokenizer.from_pretrained(args.assets + "/tiny-llama")
     tok.pad_token = tok.eos_token
-    raw = datasets.load_dataset("parquet", data_files=args.assets + "/data/rm_pairs.parquet", split="train")
+    # Rank 0 builds the Arrow cache (ours, beside the assets) first; the tokenized set stays in memory.
+    cache = args.assets + "/hf_cache"
+    if dist.get_rank() == 0:
+        datasets.load_dataset("parquet", data_files=args.assets + "/data/rm_pairs.parquet", cache_dir=cache)
+    dist.barrier()
+    raw = datasets.load_dataset(
+        "parquet", data_files=args.assets + "/data/rm_pairs.parquet", split="train", cache_dir=cache
+    )
 
     def tokenize(batch: dict[str, list[str]]) -> dict[str, Any]:
         texts = [p + c + tok.eos_token for p, c in zip(batch["prompt"], batch["chosen"], strict=True)]
@@ -69,7 +80,7 @@ def _worker(args: argparse.Namespace) -> None:
         enc["labels"] = [list(x) for x in enc["input_ids"]]
         return enc
 
-    train = raw.map(tokenize, batched=True, remove_columns=raw.column_names)
+    train = raw.map(tokenize, batched=True, remove_columns=raw.column_names, keep_in_memory=True)
     cfg = LlamaConfig(
         vocab_size=len(tok),
         hidden_size=args.hidden,
@@ -150,6 +161,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--route-timeout", type=int, default=900, help="seconds one route may take before it is stopped")
     ap.add_argument("--routes", default="ddp,zero-all,deepspeed", help="comma-separated subset to run")
     # internal: one worker
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -195,10 +207,12 @@ def main() -> None:
             out = f.name
         cmd = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--standalone",
                __file__, "--worker", "--route", route, "--assets", str(Path(assets["llama"]).parent), "--out", out,
-               "--dtype", args.dtype, "--threads", str(args.threads)]  # fmt: skip
+               "--dtype", args.dtype, "--threads", str(args.threads), "--route-timeout", str(args.route_timeout)]  # fmt: skip
         cmd += [f"--{k}={getattr(args, k)}" for k in ("hidden", "layers", "batch", "seq", "steps")]
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.threads)}
+        t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        print(f"{route}: {time.perf_counter() - t0:.0f} s (processes, imports, data, both runs)", flush=True)
         if proc.returncode != 0:
             print(f"{route}: failed\n{proc.stderr[-3000:]}")
             continue

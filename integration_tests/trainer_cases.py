@@ -27,6 +27,12 @@ def _quiet() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+def _cache(assets: dict[str, str]) -> str:
+    # The test's own datasets cache (next to its assets), not the user-wide one that other jobs lock;
+    # tokenized sets stay in memory, so the two ranks never write the same cache file.
+    return str(Path(assets["clm_data"]).parent / "hf_cache")
+
+
 def clm_data(assets: dict[str, str], rows: int) -> tuple[Any, Any]:
     """``rows`` prompt+answer texts of the reward-model parquet, tokenized to SEQ tokens, labels masked at padding."""
     import datasets
@@ -34,7 +40,8 @@ def clm_data(assets: dict[str, str], rows: int) -> tuple[Any, Any]:
 
     tok = AutoTokenizer.from_pretrained(assets["llama"])
     tok.pad_token = tok.eos_token
-    ds = datasets.load_dataset("parquet", data_files=assets["clm_data"], split="train").select(range(rows))
+    ds = datasets.load_dataset("parquet", data_files=assets["clm_data"], split="train", cache_dir=_cache(assets))
+    ds = ds.select(range(rows))
 
     def tokenize(batch: dict[str, list[str]]) -> dict[str, Any]:
         texts = [p + c + tok.eos_token for p, c in zip(batch["prompt"], batch["chosen"], strict=True)]
@@ -45,7 +52,7 @@ def clm_data(assets: dict[str, str], rows: int) -> tuple[Any, Any]:
         ]
         return enc
 
-    return ds.map(tokenize, batched=True, remove_columns=ds.column_names), tok
+    return ds.map(tokenize, batched=True, remove_columns=ds.column_names, keep_in_memory=True), tok
 
 
 def llama(assets: dict[str, str], seed: int) -> Any:
@@ -175,7 +182,8 @@ def mt_data(assets: dict[str, str], rows: int, tok: Any) -> Any:
     """Translation pairs (``translate English to Zorbish: ...`` -> the cipher), SEQ source and label tokens."""
     import datasets
 
-    ds = datasets.load_dataset("json", data_files=assets["mt_data"], split="train").select(range(rows))
+    ds = datasets.load_dataset("json", data_files=assets["mt_data"], split="train", cache_dir=_cache(assets))
+    ds = ds.select(range(rows))
 
     def tokenize(batch: dict[str, list[dict[str, str]]]) -> dict[str, Any]:
         src = ["translate English to Zorbish: " + p["en"] + tok.eos_token for p in batch["translation"]]
@@ -185,7 +193,7 @@ def mt_data(assets: dict[str, str], rows: int, tok: Any) -> Any:
         enc["labels"] = [[t if t != tok.pad_token_id else -100 for t in row] for row in labels]
         return enc
 
-    return ds.map(tokenize, batched=True, remove_columns=ds.column_names)
+    return ds.map(tokenize, batched=True, remove_columns=ds.column_names, keep_in_memory=True)
 
 
 def t5_seq2seq(rank: int, world_size: int, root: str, assets: dict[str, str], config: str) -> dict[str, Any]:
