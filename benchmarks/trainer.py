@@ -136,7 +136,13 @@ def _worker(args: argparse.Namespace) -> None:
                 }
             )
         )
+    dist.barrier()
     dist.destroy_process_group()
+    # Skip the interpreter's teardown: a DDP reducer / gloo destructor left to run after the other rank
+    # has exited can wait on it forever (seen here).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _deepspeed_python(explicit: str | None) -> str | None:
