@@ -46,6 +46,7 @@ def llama(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, str]) -> d
     root = tmp_path_factory.mktemp("llama")
     r0, r1 = run_distributed(trainer_cases.llama_runs, 2, str(root), assets, timeout=TIMEOUT)
     assert r0["z1"] == r1["z1"]  # the Trainer logs the mean over ranks: both ranks agree
+    assert r1["zero3"]["loaded_equal"] and r1["zero3"]["local_numel"] == 0
     return r0
 
 
@@ -58,6 +59,8 @@ def test_zero1_fp32_matches_the_trainers_ddp(llama: dict) -> None:
     assert llama["z1_stage"] == 1
     # 2 epochs x (5 + 5 + 2 micro-batches): 6 optimizer steps, as the Trainer counts them.
     assert sorted(llama["ddp"]) == sorted(llama["z1"]) == [1, 2, 3, 4, 5, 6]
+    worst = max(_rel(llama["z1"][step], ref) for step, ref in llama["ddp"].items())
+    print(f"ZeRO-1 vs DDP: largest relative loss difference {worst:.1e}")  # shown with pytest -s
     for step, ref in llama["ddp"].items():
         assert _rel(llama["z1"][step], ref) <= 1e-5, (step, llama["z1"][step], ref)
         assert _rel(llama["z1_norm"][step], llama["ddp_norm"][step]) <= 1e-4, step
@@ -195,19 +198,18 @@ def test_scheduler_steps_filled_at_finalize(tmp_path: Path) -> None:
     assert cfg.is_zero3() and cfg.dtype().is_floating_point
 
 
-def test_zero3_from_pretrained_partitioned_trains_and_exports(tmp_path: Path, assets: dict[str, str]) -> None:
-    results = run_distributed(trainer_cases.zero3_runs, 2, str(tmp_path), assets, timeout=TIMEOUT)
-    for res in results:
-        assert res["local_numel"] == 0  # built partitioned: no rank holds the full weight between uses
-        assert res["loaded_equal"]  # gathered, every parameter is the checkpoint's exactly
-        assert res["stage"] == 3 and sorted(res["losses"]) == [1, 2, 3]
-        assert all(math.isfinite(v) for v in res["losses"].values())
-        # The stage-3 "auto" bucket sizes from hidden_size 128, as transformers fills them for DeepSpeed.
-        assert res["resolved_z"] == {
-            "stage": 3,
-            "reduce_bucket_size": 128 * 128,
-            "stage3_prefetch_bucket_size": int(0.9 * 128 * 128),
-            "stage3_param_persistence_threshold": 10 * 128,
-        }
+def test_zero3_from_pretrained_partitioned_trains_and_exports(llama: dict) -> None:
+    res = llama["zero3"]  # rank 0's (the fixture checks both ranks' ZeRO-1 losses agree)
+    assert res["local_numel"] == 0  # built partitioned: no rank holds the full weight between uses
+    assert res["loaded_equal"]  # gathered, every parameter is the checkpoint's exactly
+    assert res["stage"] == 3 and sorted(res["losses"]) == [1, 2, 3]
+    assert all(math.isfinite(v) for v in res["losses"].values())
+    # The stage-3 "auto" bucket sizes from hidden_size 128, as transformers fills them for DeepSpeed.
+    assert res["resolved_z"] == {
+        "stage": 3,
+        "reduce_bucket_size": 128 * 128,
+        "stage3_prefetch_bucket_size": int(0.9 * 128 * 128),
+        "stage3_param_persistence_threshold": 10 * 128,
+    }
     # save_model gathered the partitions: from_pretrained gets the trained (changed) weights.
-    assert results[0]["export_equal"] and results[0]["export_changed"]
+    assert res["export_equal"] and res["export_changed"]

@@ -175,6 +175,8 @@ def llama_runs(rank: int, world_size: int, root: str, assets: dict[str, str]) ->
         for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values(), strict=True)
     )
     out["resumed_weights_equal"] = same
+    # ZeRO-3 in the same processes (one process start and transformers import fewer on CI).
+    out["zero3"] = zero3_runs(rank, world_size, root, assets)
     return out
 
 
