@@ -72,6 +72,8 @@ class _SteppedByEngine:
         return list(self._last_lr())
 
     def __getattr__(self, name: str) -> Any:
+        if name == "inner":  # not set yet (copy / unpickling): no recursion through __getattr__
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
 
@@ -121,6 +123,12 @@ class ZeroAllTrainerMixin:
         if self.engine is not None:
             return self.engine
         if not training:
+            if any(hasattr(p, "ds_shape") for p in model.parameters()):
+                raise RuntimeError(
+                    "evaluate()/predict() before train() on a model built partitioned (from_pretrained_zero3 or "
+                    "zero_all.zero.Init): the engine that gathers its parameters is built by train(); train first, "
+                    "or evaluate a model built whole"
+                )
             return model  # evaluation before training: the plain model, as the Trainer would use it
         self.engine = self._build_engine()
         return self.engine
