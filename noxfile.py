@@ -115,7 +115,7 @@ def tests(session: nox.Session, package: str) -> None:
 def integration(session: nox.Session) -> None:
     """Cross-package tests, repository checks and the test helper's own tests, with everything installed."""
     _ensure_debian_packages(session)
-    _install(session, "./packages/zero-all[test,hf]", "./packages/ds-monitor[tensorboard,plot]", *TEST_TOOLS)
+    _install(session, "./packages/zero-all[test,hf,trainer]", "./packages/ds-monitor[tensorboard,plot]", *TEST_TOOLS)
     session.run("python", "-m", "pytest", "integration_tests", "testing/tests", *session.posargs)
 
 
@@ -148,7 +148,7 @@ def bench(session: nox.Session) -> None:
     at first use, minutes) so the benchmarks add its rows; they do whenever it is importable.
     `-- --only NAME` runs one script (e.g. `--only cpu_adam`).
     """
-    _install(session, "./packages/zero-all", "./packages/ds-monitor[tensorboard,plot]", "numpy")
+    _install(session, "./packages/zero-all[trainer]", "./packages/ds-monitor[tensorboard,plot]", "numpy")
     if "--deepspeed" in session.posargs:
         _install(session, "deepspeed")
     session.env.setdefault("DS_ACCELERATOR", "cpu")

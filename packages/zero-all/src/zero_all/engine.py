@@ -61,6 +61,9 @@ class Engine(torch.nn.Module):
         self.micro_steps = 0
         self.skipped_steps = 0
         self._step_skipped = False
+        # Set by set_gradient_accumulation_boundary(): a caller (the Hugging Face Trainer) that decides the
+        # boundaries itself, e.g. a shorter last accumulation at the end of an epoch. None: micro-step count.
+        self._boundary_override: bool | None = None
         self._loss_sum: torch.Tensor | None = None
         self._loss_count = 0
         self.monitor = EngineMonitor(config, batch, self.global_rank, self.world_size)
@@ -110,7 +113,18 @@ class Engine(torch.nn.Module):
 
     def is_gradient_accumulation_boundary(self) -> bool:
         """True on the micro step whose ``step()`` will run the optimizer."""
+        if self._boundary_override is not None:
+            return self._boundary_override
         return (self.micro_steps + 1) % self.batch.gradient_accumulation_steps == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool | None) -> None:
+        """Say whether the current micro step ends an accumulation (DeepSpeed's override; ``None``: count micro steps).
+
+        For a loop that decides the boundaries itself, as the Hugging Face Trainer does when an epoch's last
+        accumulation is shorter than ``gradient_accumulation_steps``. Set it before ``backward()``: the
+        gradient reduction of that backward already depends on it.
+        """
+        self._boundary_override = None if is_boundary is None else bool(is_boundary)
 
     # ----------------------------------------------------------------- the loop
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -120,8 +134,12 @@ class Engine(torch.nn.Module):
         self.monitor.timers_stop("forward")
         return out
 
-    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> torch.Tensor:
-        """Backward of ``loss / gradient_accumulation_steps`` (loss-scaled, reduced by zero-shard)."""
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
+        """Backward of ``loss / gradient_accumulation_steps`` (loss-scaled, reduced by zero-shard).
+
+        ``scale_wrt_gas=False`` (DeepSpeed's flag) skips the division, for a caller whose loss is already
+        normalised over the accumulated batch (the Hugging Face Trainer's).
+        """
         if not torch.is_tensor(loss) or loss.numel() != 1:
             raise ValueError("engine.backward(loss) needs a scalar loss tensor")
         self.monitor.timers_start("backward")
@@ -129,7 +147,7 @@ class Engine(torch.nn.Module):
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
         self._loss_count += 1
         gas = self.batch.gradient_accumulation_steps
-        scaled = loss / gas if gas > 1 else loss
+        scaled = loss / gas if gas > 1 and scale_wrt_gas else loss
         self.optimizer.set_gradient_accumulation_boundary(self.is_gradient_accumulation_boundary())
         if retain_graph:
             self.optimizer.backward(scaled, retain_graph=True)
