@@ -235,6 +235,7 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
             ignore_unused_parameters=config.ignore_unused_parameters,
             device=device,
             partition_dtype=grad_accum_dtype,
+            cross_layout_buckets=self.stage == 3,
         )
         self._boundary = True
         self.last_step_sub_groups = 1  # how many pieces the last step went in (stage 3 sub_group_size)
