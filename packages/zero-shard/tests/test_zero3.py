@@ -37,6 +37,8 @@ def test_stage3_matches_ddp_world2_with_accumulation_and_clipping(ddp2: list[dic
         np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5)
         assert _max_param_rel(r["params"], ref["params"]) < 1e-5
         assert r["fetches"] > 0 and r["prefetches"] > 0
+        # Checks issued a window ahead, read at the next fetch: fewer ranks waiting on each other.
+        assert 0 < r["ahead_checks"] < r["checks"]
 
 
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
@@ -173,6 +175,8 @@ def test_execution_trace_predicts_and_falls_back() -> None:
     t.start_iteration()
     t.observe(0)
     assert t.upcoming(sizes.__getitem__, 25) == [1, 2]  # budget: 20 of 25 elements
+    assert t.upcoming(sizes.__getitem__, 25, skip=2) == [3]  # the next window: at least one, however large
+    assert t.upcoming(sizes.__getitem__, 0) == []  # prefetch off
     assert t.reuse_distance(0, sizes.__getitem__) == 10 + 10 + 50 + 10 + 10
     t.observe(2)  # unit 1 skipped this iteration: prediction stops, on-demand from here
     assert not t.on_track and t.upcoming(sizes.__getitem__, 100) == []

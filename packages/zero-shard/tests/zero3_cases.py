@@ -177,6 +177,8 @@ def run_zero(
         "fetches": coord.fetches if coord else 0,
         "prefetches": coord.prefetches if coord else 0,
         "gathers": coord.fetches + coord.prefetches if coord else 0,
+        "checks": coord.checks if coord else 0,
+        "ahead_checks": coord.ahead_checks if coord else 0,
         "sub_groups": opt.last_step_sub_groups,
         "units": len(getattr(opt, "units", [])),
         "bucket_segments": [len(b.segments) for b in opt.reducer.buckets],
