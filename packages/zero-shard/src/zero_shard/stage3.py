@@ -45,6 +45,7 @@ from torch import nn
 from zero_shard.comm import ParamCollective, all_gather_single
 from zero_shard.flat_buffer import FlatLayout, full_shape
 from zero_shard.hooks import in_backward, install_module_hooks
+from zero_shard.host_memory import retain_freed_memory
 from zero_shard.partition import Unit, UnitGatherError
 from zero_shard.prefetch import ExecutionTrace
 
@@ -152,6 +153,13 @@ class ParamCoordinator:
         self._end_queued = False
         for u in units:
             u.coordinator = self  # type: ignore[attr-defined]
+        released = [u for u in units if not u.persistent]
+        # On the CPU, stop malloc from unmapping the buffers that every step frees and gathers again.
+        self.retains_freed_memory = bool(released) and all(u.device.type == "cpu" for u in released)
+        if self.retains_freed_memory:
+            # Each step frees the full buffers and, once reduced, the same number of gradient bytes.
+            bytes_released = sum(u.numel * u.full.element_size() for u in released)
+            self.retains_freed_memory = retain_freed_memory(2 * bytes_released)
         self._handles = install_module_hooks(module, self.units_of, self)
         for u in units:
             if not u.persistent:
