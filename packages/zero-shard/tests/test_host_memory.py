@@ -54,6 +54,6 @@ def test_stage3_step_reuses_freed_buffers() -> None:
     assert retained == "False"
     kept, _, retained = _step_faults()
     assert retained == "True"
-    # Left alone, glibc hands some of the freed unit buffers back and a step faults their pages in again.
-    assert plain > pages // 10, (plain, pages)
-    assert kept < plain // 4, (kept, plain, pages)
+    # Left alone, glibc hands some of the freed unit buffers back (how many varies: 1,000-2,000 of these 12,300
+    # pages here) and a step faults them in again; retained, a step reuses nearly all of them.
+    assert kept < pages // 50 < plain, (kept, plain, pages)
