@@ -37,6 +37,8 @@ def test_stage3_matches_ddp_world2_with_accumulation_and_clipping(ddp2: list[dic
         np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5)
         assert _max_param_rel(r["params"], ref["params"]) < 1e-5
         assert r["fetches"] > 0 and r["prefetches"] > 0
+        # Checks issued a window ahead, read at the next fetch: fewer ranks waiting on each other.
+        assert 0 < r["ahead_checks"] < r["checks"]
 
 
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "no-prefetch"])
@@ -54,9 +56,39 @@ def test_stage3_equals_stage2_bit_for_bit_world2(prefetch: bool) -> None:
     assert (z3_res[0]["prefetches"] > 0) == prefetch
 
 
+@pytest.mark.parametrize("grad_collective", ["all_reduce", "reduce"])
+def test_stage3_buckets_span_units_and_equal_stage2(grad_collective: str) -> None:
+    # reduce_bucket_size 1500 elements: a bucket holds several small units (LayerNorm + Linear), a unit larger
+    # than that is split; "reduce" sends each owner its pieces of every unit in the bucket in one collective.
+    kw = {"reduce_bucket_size": 1500, "grad_collective": grad_collective}
+    z3_res = run_distributed(
+        z3.run_zero, 2, 3, "fp32", STEPS, 2, 0.0, stage3_param_persistence_threshold=0, **kw, timeout=180
+    )
+    z2_res = run_distributed(z3.run_zero, 2, 2, "fp32", STEPS, 2, 0.0, timeout=180)
+    segments = z3_res[0]["bucket_segments"]
+    assert len(segments) < z3_res[0]["units"] and max(segments) > 1, segments
+    for r in z3_res:
+        assert r["losses"] == z2_res[0]["losses"]
+        for k in z2_res[0]["params"]:
+            np.testing.assert_array_equal(r["params"][k], z2_res[0]["params"][k])
+
+
 def test_stage3_world4_with_persistent_params() -> None:
     ref = run_distributed(z3.run_ddp, 4, STEPS, 1, timeout=240)[0]
-    res = run_distributed(z3.run_zero, 4, 3, "fp32", STEPS, 1, 0.0, stage3_param_persistence_threshold=100, timeout=240)
+    # Small buckets sent to their owners: a bucket's rank-major pieces of several units at 4 ranks.
+    res = run_distributed(
+        z3.run_zero,
+        4,
+        3,
+        "fp32",
+        STEPS,
+        1,
+        0.0,
+        "reduce",
+        stage3_param_persistence_threshold=100,
+        reduce_bucket_size=1500,
+        timeout=240,
+    )
     for r in res:
         np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5)
         assert _max_param_rel(r["params"], ref["params"]) < 1e-5
@@ -143,6 +175,8 @@ def test_execution_trace_predicts_and_falls_back() -> None:
     t.start_iteration()
     t.observe(0)
     assert t.upcoming(sizes.__getitem__, 25) == [1, 2]  # budget: 20 of 25 elements
+    assert t.upcoming(sizes.__getitem__, 25, skip=2) == [3]  # the next window: at least one, however large
+    assert t.upcoming(sizes.__getitem__, 0) == []  # prefetch off
     assert t.reuse_distance(0, sizes.__getitem__) == 10 + 10 + 50 + 10 + 10
     t.observe(2)  # unit 1 skipped this iteration: prediction stops, on-demand from here
     assert not t.on_track and t.upcoming(sizes.__getitem__, 100) == []

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from zero_shard import GatheredParameters, Init, ZeroConfig, ZeroShardedOptimizer
+from zero_shard import CollectiveChoice, GatheredParameters, Init, ZeroConfig, ZeroShardedOptimizer
 from zero_shard.partition import UnitGatherError
 
 VOCAB, D, SEQ, GLOBAL_BATCH = 40, 16, 6, 8
@@ -107,7 +107,14 @@ def _adamw(groups: list[dict]) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=LR, weight_decay=WD)
 
 
-def build(stage: int, dtype: str = "fp32", clip: float = 0.0, model: nn.Module | None = None, **zero: Any) -> Any:
+def build(
+    stage: int,
+    dtype: str = "fp32",
+    clip: float = 0.0,
+    model: nn.Module | None = None,
+    grad_collective: str | None = None,
+    **zero: Any,
+) -> Any:
     model = model if model is not None else make_model()
     cfg = ZeroConfig(stage=stage, **zero)
     opt = ZeroShardedOptimizer(
@@ -118,6 +125,7 @@ def build(stage: int, dtype: str = "fp32", clip: float = 0.0, model: nn.Module |
         gradient_clipping=clip,
         module=model,
         loss_scaler=_scaler(dtype),
+        collectives=CollectiveChoice(grad_collective, "broadcast") if grad_collective else None,
     )
     return model, opt
 
@@ -131,10 +139,18 @@ def _scaler(dtype: str) -> Any:
 
 
 def run_zero(
-    rank: int, world_size: int, stage: int, dtype: str, steps: int, ga: int, clip: float = 0.0, **zero: Any
+    rank: int,
+    world_size: int,
+    stage: int,
+    dtype: str,
+    steps: int,
+    ga: int,
+    clip: float = 0.0,
+    grad_collective: str | None = None,
+    **zero: Any,
 ) -> dict[str, Any]:
     """Train with ZeroShardedOptimizer; returns losses, the full final parameters, memory and fetch counts."""
-    model, opt = build(stage, dtype, clip, **zero)
+    model, opt = build(stage, dtype, clip, grad_collective=grad_collective, **zero)
     losses = []
     for step in range(steps):
         total = 0.0
@@ -161,7 +177,11 @@ def run_zero(
         "fetches": coord.fetches if coord else 0,
         "prefetches": coord.prefetches if coord else 0,
         "gathers": coord.fetches + coord.prefetches if coord else 0,
+        "checks": coord.checks if coord else 0,
+        "ahead_checks": coord.ahead_checks if coord else 0,
         "sub_groups": opt.last_step_sub_groups,
+        "units": len(getattr(opt, "units", [])),
+        "bucket_segments": [len(b.segments) for b in opt.reducer.buckets],
     }
 
 

@@ -20,6 +20,13 @@ differs is where gradients wait to be reduced:
   full fp32 accumulator is allocated the first time a micro-step has to be kept for later (accumulation),
   and from then on the boundary reduces from it, as stage 0.
 
+Stage 3 reduces as stage 2 does, into per-unit partitions, but its layouts are small (one per module):
+there a bucket spans the ends of consecutive units (``cross_layout_buckets``) up to ``reduce_bucket_size``
+elements, so that a model of many small modules still reduces in a few large collectives, with a few
+waits in backward, rather than one collective and one wait per module. The bucket buffer is arranged
+rank-major (every rank's pieces of every unit together), so one collective per owner, or one all-reduce,
+carries the whole bucket.
+
 [Note: averaging as DDP does] DDP multiplies each gradient by 1/N before summing; for the world sizes
 that are powers of two that equals summing and then dividing, bit for bit. We sum, then multiply by
 ``predivide / N``, having multiplied by ``1 / predivide`` before the sum when ``gradient_predivide_factor``
@@ -51,16 +58,61 @@ __all__ = ["GradReducer"]
 
 
 @dataclass
-class _Bucket:
-    group: int
+class _Piece:
+    """The part of a segment that one rank owns, and where it sits in the bucket buffer."""
+
+    owner: int
+    start: int  # [start, end) of the layout's flat buffer
+    end: int
+    offset: int  # where it starts in the bucket buffer
+
+
+@dataclass
+class _Segment:
+    """A contiguous range ``[start, end)`` of one layout's flat buffer that a bucket covers."""
+
+    layout: int
     start: int
     end: int
     slots: list[int]
+    pieces: list[_Piece] = field(default_factory=list)
+
+
+@dataclass
+class _Bucket:
+    segments: list[_Segment]
+    owner_spans: list[tuple[int, int]]  # per rank: its [lo, hi) of the bucket buffer (rank-major order)
+    numel: int
     pending: int = 0
     launched: bool = False
     buffer: torch.Tensor | None = None
     temp: bool = False  # buffer is a transient bucket buffer (not a view of the accumulator)
     works: list = field(default_factory=list)
+
+    @property
+    def slot_count(self) -> int:
+        return sum(len(seg.slots) for seg in self.segments)
+
+
+def _make_bucket(segments: list[_Segment], layouts: list[FlatLayout], world_size: int) -> _Bucket:
+    """Arrange a bucket's segments rank-major: every rank's pieces of every segment lie together.
+
+    For a bucket within one layout this is just the layout's own order (a layout is partitioned in rank
+    order); for a bucket spanning several stage-3 units it lets one collective per owner (or one
+    all-reduce) carry them all, and each rank find its partitions as one contiguous span.
+    """
+    spans = []
+    offset = 0
+    for r in range(world_size):
+        lo = offset
+        for seg in segments:
+            P = layouts[seg.layout].partition_numel
+            a, z = max(seg.start, r * P), min(seg.end, (r + 1) * P)
+            if a < z:
+                seg.pieces.append(_Piece(r, a, z, offset))
+                offset += z - a
+        spans.append((lo, offset))
+    return _Bucket(segments, spans, offset)
 
 
 class GradReducer:
@@ -81,7 +133,13 @@ class GradReducer:
         ignore_unused_parameters: bool,
         device: torch.device,
         partition_dtype: torch.dtype = torch.float32,
+        cross_layout_buckets: bool = False,
     ) -> None:
+        """``cross_layout_buckets`` (stage 3, where every module is its own layout): a bucket may span the
+        ends of several layouts, so that many small units share one collective (about ``bucket_numel``
+        elements each, as at stages 1-2) instead of one collective per unit."""
+        if cross_layout_buckets and stage != 2:
+            raise ValueError("GradReducer: buckets across layouts are for stage 2 reduction (ZeRO-3's units) only")
         self.layouts = layouts
         self.stage = stage
         self.rank = rank
@@ -111,12 +169,19 @@ class GradReducer:
         self._accumulated = False  # a micro-step's gradients wait in the accumulator (stages 0-1)
         self._via_accum = stage == 0  # this backward reduces from the accumulator
         self.buckets: list[_Bucket] = []
-        self._where: dict[int, tuple[int, int]] = {}  # id(param) -> (bucket index, slot index)
+        self._where: dict[int, tuple[int, int, int]] = {}  # id(param) -> (bucket, segment, slot index)
+        bucket_numel = max(1, bucket_numel)
+        pending: list[_Segment] = []
+        size = 0
         for g, lay in enumerate(layouts):
-            for start, end, slots in lay.buckets(max(1, bucket_numel)):
-                for s in slots:
-                    self._where[id(lay.params[s])] = (len(self.buckets), s)
-                self.buckets.append(_Bucket(g, start, end, slots))
+            for start, end, slots in lay.buckets(bucket_numel):
+                if pending and (not cross_layout_buckets or size + end - start > bucket_numel):
+                    self._add_bucket(pending)
+                    pending, size = [], 0
+                pending.append(_Segment(g, start, end, slots))
+                size += end - start
+        if pending:
+            self._add_bucket(pending)
         self._next = 0
         self._communicate = True  # False: keep local gradients (see begin_backward)
         self._in_flight: deque[_Bucket] = deque()
@@ -143,7 +208,7 @@ class GradReducer:
         self._callback_queued = False
         self._next = 0
         for b in self.buckets:
-            b.pending = len(b.slots)
+            b.pending = b.slot_count
             b.launched = False
             b.buffer = None
             b.temp = False
@@ -180,27 +245,35 @@ class GradReducer:
 
     # ---- hooks ---------------------------------------------------------------------------------------
 
+    def _add_bucket(self, segments: list[_Segment]) -> None:
+        index = len(self.buckets)
+        for si, seg in enumerate(segments):
+            for s in seg.slots:
+                self._where[id(self.layouts[seg.layout].params[s])] = (index, si, s)
+        self.buckets.append(_make_bucket(segments, self.layouts, self.world_size))
+
     def _make_hook(self, p: nn.Parameter) -> Callable[[nn.Parameter], None]:
-        bucket_index, slot_index = self._where[id(p)]
+        bucket_index, segment_index, slot_index = self._where[id(p)]
 
         def hook(param: nn.Parameter) -> None:
-            self._on_grad(param, bucket_index, slot_index)
+            self._on_grad(param, bucket_index, segment_index, slot_index)
 
         return hook
 
-    def _on_grad(self, p: nn.Parameter, bucket_index: int, slot_index: int) -> None:
+    def _on_grad(self, p: nn.Parameter, bucket_index: int, segment_index: int, slot_index: int) -> None:
         grad = p.grad
         if grad is None:
             return
         b = self.buckets[bucket_index]
-        slot = self.layouts[b.group].slots[slot_index]
+        seg = b.segments[segment_index]
+        slot = self.layouts[seg.layout].slots[slot_index]
         self._dirty = True
         if not self._reducing:
             # Stages 0/1 between boundaries: accumulate locally in fp32, reduce later.
-            acc = self.accum[b.group]
+            acc = self.accum[seg.layout]
             if acc is None:
-                acc = self.accum[b.group] = torch.zeros(
-                    self.layouts[b.group].padded_numel, dtype=torch.float32, device=self.device
+                acc = self.accum[seg.layout] = torch.zeros(
+                    self.layouts[seg.layout].padded_numel, dtype=torch.float32, device=self.device
                 )
             acc[slot.offset : slot.end].add_(grad.reshape(-1))
             self._accumulated = True
@@ -211,8 +284,13 @@ class GradReducer:
             torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
             self._callback_queued = True
         buf = self._bucket_buffer(b)
+        flat = grad.reshape(-1)
         with torch.no_grad():
-            buf[slot.offset - b.start : slot.end - b.start].add_(grad.reshape(-1))
+            for piece in seg.pieces:
+                a, z = max(slot.offset, piece.start), min(slot.end, piece.end)
+                if a < z:
+                    at = piece.offset + a - piece.start
+                    buf[at : at + z - a].add_(flat[a - slot.offset : z - slot.offset])
         p.grad = None
         b.pending -= 1
         if b.pending == 0:
@@ -220,12 +298,14 @@ class GradReducer:
 
     def _bucket_buffer(self, b: _Bucket) -> torch.Tensor:
         if b.buffer is None:
-            acc = self.accum[b.group]
+            seg = b.segments[0]
+            acc = self.accum[seg.layout]
             if self._via_accum and acc is not None:
-                b.buffer = acc[b.start : b.end]
+                # Stages 0-1 only, whose buckets never span layouts: the bucket is a view of the accumulator.
+                b.buffer = acc[seg.start : seg.end]
             else:
                 # A transient fp32 buffer for this bucket only (stage 2, and stage 1 without accumulation).
-                b.buffer = torch.zeros(b.end - b.start, dtype=torch.float32, device=self.device)
+                b.buffer = torch.zeros(b.numel, dtype=torch.float32, device=self.device)
                 b.temp = True
                 self.live_bucket_buffers += 1
                 self.peak_bucket_buffers = max(self.peak_bucket_buffers, self.live_bucket_buffers)
@@ -253,11 +333,10 @@ class GradReducer:
             works = [dist.all_reduce(buf, group=self.group, async_op=async_op)]
         else:
             works = []
-            P = self.layouts[b.group].partition_numel
-            for r in range(b.start // P, -(-b.end // P)):
-                a, z = max(b.start, r * P), min(b.end, (r + 1) * P)
-                dst = r if self.group is None else dist.get_global_rank(self.group, r)
-                works.append(dist.reduce(buf[a - b.start : z - b.start], dst=dst, group=self.group, async_op=async_op))
+            for r, (lo, hi) in enumerate(b.owner_spans):
+                if lo < hi:
+                    dst = r if self.group is None else dist.get_global_rank(self.group, r)
+                    works.append(dist.reduce(buf[lo:hi], dst=dst, group=self.group, async_op=async_op))
         b.works = [w for w in works if w is not None]
         b.launched = True
         if async_op:
@@ -278,14 +357,18 @@ class GradReducer:
             if self._communicate:
                 buf.mul_(self.post)
         else:
-            # Only this rank's slice of the bucket matters from here on.
-            lo, hi = self.layouts[b.group].partition(self.rank)
-            a, z = max(lo, b.start), min(hi, b.end)
-            if a < z:
-                mine = buf[a - b.start : z - b.start]
-                mine.mul_(self.post)
-                if b.temp:
-                    self.part_grads[b.group][a - lo : z - lo].add_(mine)
+            # Only this rank's pieces of the bucket matter from here on.
+            lo, hi = b.owner_spans[self.rank]
+            if lo < hi:
+                buf[lo:hi].mul_(self.post)
+            if b.temp:
+                for seg in b.segments:
+                    P = self.layouts[seg.layout].partition_numel
+                    for piece in seg.pieces:
+                        if piece.owner == self.rank:
+                            n = piece.end - piece.start
+                            at = piece.start - self.rank * P
+                            self.part_grads[seg.layout][at : at + n].add_(buf[piece.offset : piece.offset + n])
         if b.temp:
             self.live_bucket_buffers -= 1
         b.buffer = None
@@ -294,10 +377,11 @@ class GradReducer:
         unused = [b for b in self.buckets if b.pending > 0]
         if unused and not self.ignore_unused:
             names = [
-                self.layouts[b.group].slots[s].name
+                self.layouts[seg.layout].slots[s].name
                 for b in unused
-                for s in b.slots
-                if self.layouts[b.group].params[s].requires_grad
+                for seg in b.segments
+                for s in seg.slots
+                if self.layouts[seg.layout].params[s].requires_grad
             ]
             raise RuntimeError(
                 f"parameters received no gradient in this backward: {names[:10]} "

@@ -245,6 +245,7 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
             ignore_unused_parameters=config.ignore_unused_parameters,
             device=device,
             partition_dtype=grad_accum_dtype,
+            cross_layout_buckets=self.stage == 3,
         )
         self.model_parallel_group = model_parallel_group
         self._norm_split = self._replicated_ranges({id(p) for p in replicated_params})

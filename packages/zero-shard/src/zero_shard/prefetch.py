@@ -46,9 +46,14 @@ class ExecutionTrace:
         if self.on_track and (self.recorded is None or pos >= len(self.recorded) or self.recorded[pos] != unit):
             self.on_track = False
 
-    def upcoming(self, numel: Callable[[int], int], budget: int) -> list[int]:
-        """The next predicted units, in order, whose sizes sum to at most ``budget`` elements (at least one)."""
-        if not self.on_track or self.recorded is None:
+    def upcoming(self, numel: Callable[[int], int], budget: int, skip: int = 0) -> list[int]:
+        """The next predicted units, in order, whose sizes sum to at most ``budget`` elements.
+
+        At least one unit when ``budget`` > 0, however large (DeepSpeed prefetches the next parameter
+        even when it alone exceeds ``stage3_prefetch_bucket_size``). ``skip``: leave out the first ``skip``
+        distinct upcoming units (the window after a window already taken).
+        """
+        if not self.on_track or self.recorded is None or budget <= 0:
             return []
         out: list[int] = []
         total = 0
@@ -56,13 +61,14 @@ class ExecutionTrace:
         for u in self.recorded[len(self.current) :]:
             if u in seen:
                 continue
+            seen.add(u)
+            if skip > 0:
+                skip -= 1
+                continue
             n = numel(u)
             if out and total + n > budget:
                 break
-            if not out and n > budget:
-                break
             out.append(u)
-            seen.add(u)
             total += n
         return out
 

@@ -13,10 +13,18 @@ Fetching (:meth:`ParamCoordinator.fetch`):
    unit each is about to fetch and refuse to go on if they differ, naming every rank's module. This is
    what turns DeepSpeed's classic stage-3 hang (a rank that skips a layer waits forever in the other
    ranks' gather) into an immediate error, and what keeps a gather of two same-sized layers from
-   silently mixing them; it costs one tiny collective per gather;
+   silently mixing them (gloo aborts the process on a collective of mismatched sizes, so the check
+   must come before the data);
 3. the unit's gather is launched and waited on;
-4. the next units of the trace, up to ``stage3_prefetch_bucket_size`` elements and while fewer than
-   ``stage3_max_live_parameters`` are live, are checked and launched without waiting.
+4. prefetch: the next units of the trace (a window of ``stage3_prefetch_bucket_size`` elements, at least
+   one unit, while fewer than ``stage3_max_live_parameters`` are live) are launched without waiting, and
+   the window after that is *checked ahead*: its agreement check is issued asynchronously and read at
+   the next fetch, so in steady state no check makes a rank wait for the others.
+
+[Note: a passed check commits every rank] A look-ahead check that passed is launched by every rank
+before any later check is issued (at the next fetch, whatever it asks for), and discarded by every rank
+at the end of an iteration. The ranks' collectives therefore stay in the same order even when one of
+them deviates right after a check: its next check then differs from the others' and all of them raise.
 
 Releasing: after a module's forward a unit is kept only if the trace says it is requested again within
 ``stage3_max_reuse_distance`` elements (and the live budget allows), else its full buffer is freed. After
@@ -37,6 +45,7 @@ from torch import nn
 from zero_shard.comm import ParamCollective, all_gather_single
 from zero_shard.flat_buffer import FlatLayout, full_shape
 from zero_shard.hooks import in_backward, install_module_hooks
+from zero_shard.host_memory import retain_freed_memory
 from zero_shard.partition import Unit, UnitGatherError
 from zero_shard.prefetch import ExecutionTrace
 
@@ -100,6 +109,13 @@ def plan_units(
     return plan
 
 
+class _Check:
+    """An agreement check in flight: the units this rank proposes and every rank's proposal (when done)."""
+
+    def __init__(self, units: list[Unit], mine: torch.Tensor, every: torch.Tensor, work: Any, module_name: str):
+        self.units, self.mine, self.every, self.work, self.module_name = units, mine, every, work, module_name
+
+
 class ParamCoordinator:
     """Owns the units of one model and runs the fetch/keep/release policy (see the module docstring)."""
 
@@ -132,9 +148,18 @@ class ParamCoordinator:
         self.fetches = 0
         self.prefetches = 0
         self.checks = 0
+        self.ahead_checks = 0  # checks issued a window ahead (asynchronously)
+        self._ahead: _Check | None = None
         self._end_queued = False
         for u in units:
             u.coordinator = self  # type: ignore[attr-defined]
+        released = [u for u in units if not u.persistent]
+        # On the CPU, stop malloc from unmapping the buffers that every step frees and gathers again.
+        self.retains_freed_memory = bool(released) and all(u.device.type == "cpu" for u in released)
+        if self.retains_freed_memory:
+            # Each step frees the full buffers and, once reduced, the same number of gradient bytes.
+            bytes_released = sum(u.numel * u.full.element_size() for u in released)
+            self.retains_freed_memory = retain_freed_memory(2 * bytes_released)
         self._handles = install_module_hooks(module, self.units_of, self)
         for u in units:
             if not u.persistent:
@@ -160,7 +185,9 @@ class ParamCoordinator:
         for u in units:
             self.trace.observe(u.index)
             if not u.gathered and u.works is None:
-                self._check_same_unit(u, module_name)
+                self._launch_checked_ahead()  # committed first (see the note); it may hold ``u``
+            if not u.gathered and u.works is None:
+                self._check_same_units([u], module_name)
                 u.launch()
                 self.fetches += 1
             u.wait()
@@ -186,6 +213,8 @@ class ParamCoordinator:
 
     def release_all(self) -> None:
         """Free every non-persistent unit (end of backward, before a step, ``empty_partition_cache``)."""
+        # Every rank reaches this point together: a pending look-ahead is verified, then dropped everywhere.
+        self._launch_checked_ahead(launch=False)
         for u in self.units:
             u.release()
         self._end_queued = False
@@ -225,51 +254,96 @@ class ParamCoordinator:
 
         return hook
 
-    def _prefetch(self) -> None:
+    def _take(self, candidates: list[Unit], live: int) -> tuple[list[Unit], int]:
+        """The leading candidates not yet gathered or in flight that fit the live budget (one check's worth)."""
         todo: list[Unit] = []
-        live = self.live_elements()
-        for index in self.trace.upcoming(self._numel, self.prefetch_bucket_size):
-            u = self.units[index]
-            if u.gathered or u.works is not None:
+        for u in candidates:
+            if u.gathered or u.works is not None or u in todo:
                 continue
             if live + u.numel > self.max_live_parameters or len(todo) == _CHECK_SLOTS:
                 break
             todo.append(u)
             live += u.numel
-        if todo:
-            # One agreement check for the whole batch, then every gather in flight at once.
-            self._check_same_units(todo, todo[0].name)
-            for u in todo:
-                u.launch()
-            self.prefetches += len(todo)
+        return todo, live
 
-    def _check_same_unit(self, unit: Unit, module_name: str) -> None:
-        self._check_same_units([unit], module_name)
+    def _prefetch(self) -> None:
+        self._launch_checked_ahead()
+        window = self.trace.upcoming(self._numel, self.prefetch_bucket_size)
+        if not window:
+            return
+        current = [self.units[i] for i in window]
+        following = [
+            self.units[i] for i in self.trace.upcoming(self._numel, self.prefetch_bucket_size, skip=len(window))
+        ]
+        live = self.live_elements()
+        nxt = current[0]
+        if not nxt.gathered and nxt.works is None:
+            # Behind (an iteration's first window, or after a deviation): check this window now and launch it.
+            now, live = self._take(current, live)
+            if now:
+                self._check_same_units(now, now[0].name)
+                for u in now:
+                    u.launch()
+                self.prefetches += len(now)
+        # Check what comes next ahead of time, without waiting: it is launched at the next fetch.
+        ahead, _ = self._take(current + following, live)
+        if ahead:
+            self._ahead = self._start_check(ahead, ahead[0].name)
+            self.ahead_checks += 1
+
+    def _launch_checked_ahead(self, launch: bool = True) -> None:
+        """Verify the pending look-ahead check and launch (or, at an iteration's end, drop) its units."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return
+        self._finish_check(ahead)
+        if not launch:
+            return
+        live = self.live_elements()
+        for u in ahead.units:
+            # The same state on every rank, so the same units are launched (or left for later) everywhere.
+            if u.gathered or u.works is not None or live + u.numel > self.max_live_parameters:
+                continue
+            u.launch()
+            live += u.numel
+            self.prefetches += 1
 
     def _check_same_units(self, units: list[Unit], module_name: str) -> None:
-        """Refuse to gather when the ranks are about to gather different units (a rank skipped a module).
+        """Refuse to gather when the ranks are about to gather different units (a rank skipped a module)."""
+        check = self._start_check(units, module_name)
+        if check is not None:
+            self._finish_check(check)
+
+    def _start_check(self, units: list[Unit], module_name: str) -> _Check | None:
+        """Issue the agreement check for ``units`` (asynchronously); None on a single rank.
 
         A fixed-size vector (count, then the unit indices), so that ranks that disagree on how many units
-        they gather still run a collective of the same size and learn of it. A prefetch checks its whole
-        batch at once before launching it, so the check never queues right behind the batch's own data
-        collectives (a backend runs one group's collectives in order).
+        they gather still run a collective of the same size and learn of it.
         """
         if self.world_size == 1:
-            return
+            return None
         self.checks += 1
         device = units[0].device
-        mine = torch.full((_CHECK_SLOTS + 1,), -1, dtype=torch.int64, device=device)
+        mine = torch.full((_CHECK_SLOTS + 1,), -1, dtype=torch.int64)
         mine[0] = len(units)
         mine[1 : len(units) + 1] = torch.tensor([u.index for u in units], dtype=torch.int64)
+        mine = mine.to(device)
         every = torch.empty(self.world_size * (_CHECK_SLOTS + 1), dtype=torch.int64, device=device)
         try:
-            all_gather_single(every, mine, self.group)
+            work = all_gather_single(every, mine, self.group, async_op=True)
         except Exception as e:
-            raise UnitGatherError(
-                f"rank {self.rank}: ZeRO-3 could not agree with the other ranks before gathering the parameters "
-                f"of {module_name} (unit {units[0].name}): {e}"
-            ) from e
-        rows = every.view(self.world_size, _CHECK_SLOTS + 1).tolist()
+            raise self._check_failed(units, module_name, e) from e
+        return _Check(units, mine, every, work, module_name)
+
+    def _finish_check(self, check: _Check | None) -> None:
+        if check is None:
+            return
+        try:
+            if check.work is not None:
+                check.work.wait()
+        except Exception as e:
+            raise self._check_failed(check.units, check.module_name, e) from e
+        rows = check.every.view(self.world_size, _CHECK_SLOTS + 1).tolist()
         if any(row != rows[self.rank] for row in rows):
             names = ", ".join(
                 f"rank {r}: {' + '.join(self._unit_name(i) for i in row[1 : row[0] + 1])}" for r, row in enumerate(rows)
@@ -280,6 +354,12 @@ class ParamCoordinator:
                 f"on some ranks only?); make the control flow agree across ranks, or register the parameters "
                 f"of a conditionally used module as persistent (stage3_param_persistence_threshold)."
             )
+
+    def _check_failed(self, units: list[Unit], module_name: str, error: Exception) -> UnitGatherError:
+        return UnitGatherError(
+            f"rank {self.rank}: ZeRO-3 could not agree with the other ranks before gathering the parameters "
+            f"of {module_name} (unit {units[0].name}): {error}"
+        )
 
     def _unit_name(self, index: int) -> str:
         return self.units[index].name if 0 <= index < len(self.units) else f"<unit {index}>"
