@@ -251,7 +251,10 @@ def initialize(
                 stacklevel=2,
             )
         check_optimizer_stage(cfg.optimizer.type, int(cfg.zero_optimization.stage))
-        factory = optimizer_factory(cfg.optimizer.type, dict(cfg.optimizer.params), device)
+        # With offload_optimizer the fp32 partitions live in host memory: the optimizer is ds-native's CPU Adam.
+        offload = cfg.zero_optimization.offload_optimizer
+        opt_device = torch.device("cpu") if offload is not None and offload.enabled else device
+        factory = optimizer_factory(cfg.optimizer.type, dict(cfg.optimizer.params), opt_device)
         groups = _named_groups(model, model_parameters)
     elif optimizer is not None:
         factory = _client_factory(optimizer)
@@ -282,6 +285,7 @@ def initialize(
         grad_accum_dtype=_grad_accum_dtype(cfg, dtype),
         process_group=layout.data_parallel_group,
         module=model if int(cfg.zero_optimization.stage) == 3 else None,
+        aio_config=cfg.aio,
     )
 
     if cfg.gradient_allreduce_op == "sum":

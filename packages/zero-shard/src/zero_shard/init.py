@@ -231,7 +231,10 @@ def GatheredParameters(
                 with torch.no_grad():
                     if u.shard.data_ptr() != u.full[lo:hi].data_ptr():
                         u.shard.copy_(u.full[lo:hi])
-                    if u.master is not None and u.master.data_ptr() != u.shard.data_ptr():
+                    writer = getattr(u, "master_writer", None)
+                    if writer is not None:
+                        writer(u.shard.float())  # NVMe offload: the master lives in swap files
+                    elif u.master is not None and u.master.data_ptr() != u.shard.data_ptr():
                         u.master.copy_(u.shard.float())
             if not was_gathered[id(u)]:
                 u.release()
