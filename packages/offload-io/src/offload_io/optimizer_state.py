@@ -78,13 +78,21 @@ class SwappedOptimizerState:
 
     # ---- whole-piece access -------------------------------------------------------------------------
 
-    def write_piece(self, pid: int, values: dict[str, torch.Tensor]) -> None:
-        """Replace piece ``pid``'s tensors given in ``values`` (fp32, the piece's length); waits for the writes."""
+    def write_piece(self, pid: int, values: dict[str, torch.Tensor], *, wait: bool = True) -> None:
+        """Replace piece ``pid``'s tensors given in ``values`` (fp32, the piece's length).
+
+        ``wait=False`` leaves the writes in flight (a later read of the same tensor, or :meth:`flush`, waits).
+        """
         for k, t in values.items():
             key = self._key(pid, k)
             buf = self.swapper.new(key)
             buf.copy_(t.reshape(-1))
             self.swapper.write_back(key)
+        if wait:
+            self.swapper.flush()
+
+    def flush(self) -> None:
+        """Wait for every write in flight."""
         self.swapper.flush()
 
     def read_piece(self, pid: int, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ import fcntl
 import os
 import shutil
 import socket
+import time
 import uuid
 import weakref
 from pathlib import Path
@@ -26,25 +27,29 @@ __all__ = ["ROOT_NAME", "ScratchDir", "remove_stale"]
 
 ROOT_NAME = "zero-all-swap"
 _LOCK = "lock"
+_ABANDONED_S = 3600.0  # a hidden half-made run directory older than this is a crash's leftover
 
 
 def remove_stale(root: Path) -> list[Path]:
     """Remove every run directory under ``root`` whose owner no longer holds its lock; returns them."""
-    removed = []
+    removed: list[Path] = []
     if not root.is_dir():
         return removed
     for d in sorted(root.iterdir()):
         lock = d / _LOCK
         if not d.is_dir():
             continue
+        if d.name.startswith("."):
+            # Being created (see ScratchDir): only a creation abandoned long ago is stale.
+            with contextlib.suppress(OSError):
+                if time.time() - d.stat().st_mtime > _ABANDONED_S:
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d)
+            continue
         try:
             fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:
-            # Directory being created right now by another process (lock not yet made), or a crash in between:
-            # only the latter is old.
-            continue
         except OSError:
-            continue
+            continue  # no lock file: its owner is removing it right now
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -73,11 +78,15 @@ class ScratchDir:
         self.root.mkdir(exist_ok=True)
         self.removed_stale = remove_stale(self.root)
         name = f"{kind}-{socket.gethostname()}-pid{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.path = self.root / name
-        self.path.mkdir()
-        self._lock_fd = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        # Made under a hidden name, locked, then renamed: a concurrent stale-directory sweep (another rank
+        # starting) never sees a run directory whose lock is not yet held.
+        making = self.root / f".{name}"
+        making.mkdir()
+        self._lock_fd = os.open(making / _LOCK, os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+        self.path = self.root / name
+        os.rename(making, self.path)
         # Removed at exit even when the owner forgets; finalize also runs if the object is collected first.
         self._finalizer = weakref.finalize(self, _cleanup, self.path, self._lock_fd, os.getpid())
         atexit.register(self._finalizer)

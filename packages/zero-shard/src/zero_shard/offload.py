@@ -113,7 +113,8 @@ class OptimizerOffload:
             for pid in self.pieces_of[li]:
                 _, a, b = self.pieces[pid]
                 piece = values[a:b] if values is not None else range_values(layout, lo + a, lo + b)  # type: ignore[arg-type]
-                self.nvme.write_piece(pid, {"master": piece.to("cpu", torch.float32)})
+                self.nvme.write_piece(pid, {"master": piece.to("cpu", torch.float32)}, wait=False)
+            self.nvme.flush()
             return torch.empty(0, dtype=torch.float32)
         assert values is not None
         master = host_empty(values.numel(), torch.float32, pin=self.config.pin_memory)
@@ -136,7 +137,7 @@ class OptimizerOffload:
         opt = self.opt
         raw = [opt.reducer.grads_for_step(i) for i in range(len(opt.masters))]
         inv = opt.loss_scaler.inv_scale
-        total = global_grad_norm(raw, opt.process_group, sharded=True) * inv
+        total = global_grad_norm(self._norm_chunks(raw), opt.process_group, sharded=True) * inv
         found_inf = not math.isfinite(total)
         opt._global_grad_norm = total
         opt.loss_scaler.update_scale(found_inf)
@@ -155,6 +156,22 @@ class OptimizerOffload:
         opt.reducer.zero_grad()
         opt.global_steps += 1
         return True
+
+    def _norm_chunks(self, raw: list[torch.Tensor]) -> list[torch.Tensor]:
+        """NVMe: 16-bit gradients in ``sub_group_size`` views, so the norm's fp32 upcast is one piece at a time.
+
+        (The norm of the pieces' norms equals the whole norm up to fp32 rounding; CPU offload keeps the
+        whole-partition norm, bit for bit what the step without offload computes.)
+        """
+        if not self.nvme_enabled:
+            return raw
+        out = []
+        for g in raw:
+            if g.dtype == torch.float32:
+                out.append(g)
+            else:
+                out.extend(g.split(self.sub_group_size))
+        return out
 
     def _scaled(self, g: torch.Tensor, factor: float) -> torch.Tensor:
         if factor == 1.0:
