@@ -27,12 +27,19 @@ def offload_section(kind: str, nvme_dir: str, rank: int) -> dict[str, Any] | Non
     return {"device": "nvme", "nvme_path": nvme_dir, "buffer_count": 9}
 
 
+def param_section(kind: str, nvme_dir: str) -> dict[str, Any] | None:
+    # "nvme+param": stage-3 parameter shards in swap files too, none kept in CPU memory.
+    return {"device": "nvme", "nvme_path": nvme_dir, "max_in_cpu": 0} if kind == "nvme+param" else None
+
+
 def build(stage: int, dtype: str, kind: str, nvme_dir: str, rank: int, **zero: Any) -> tuple[nn.Module, Any]:
     model = z3.make_model()
-    off = offload_section(kind, nvme_dir, rank)
+    off = offload_section(kind.removesuffix("+param"), nvme_dir, rank)
     cfg = {"stage": stage, "reduce_bucket_size": 500, "allgather_bucket_size": 500, **zero}
     if off is not None:
         cfg["offload_optimizer"] = off
+    if param_section(kind, nvme_dir) is not None:
+        cfg["offload_param"] = param_section(kind, nvme_dir)
     if stage == 3:
         cfg.setdefault("stage3_param_persistence_threshold", 20)
     opt = ZeroShardedOptimizer(
@@ -76,7 +83,7 @@ def run_matrix(rank: int, world_size: int, nvme_dir: str, cases: list[tuple], st
     """Each (stage, dtype, ga, kind) case: losses, final parameters, pieces stepped, state bytes."""
     out: dict[Any, Any] = {}
     for stage, dtype, ga, kind in cases:
-        sub = {"sub_group_size": 700} if kind == "nvme" else {}
+        sub = {"sub_group_size": 700} if kind.startswith("nvme") else {}
         model, opt = build(stage, dtype, kind, nvme_dir, rank, **sub)
         losses = train(model, opt, rank, world_size, range(steps), ga)
         out[(stage, dtype, ga, kind)] = {
@@ -86,7 +93,11 @@ def run_matrix(rank: int, world_size: int, nvme_dir: str, cases: list[tuple], st
             "pieces": opt.last_step_sub_groups,
             "bytes": opt.state_bytes(),
         }
-        if kind == "nvme":
+        if kind == "nvme+param":
+            store = opt.param_store
+            out[(stage, dtype, ga, kind)]["param_units"] = sum(1 for u in opt.units if u.store is not None)
+            out[(stage, dtype, ga, kind)]["param_read"] = store.bytes_read
+        if kind.startswith("nvme"):
             run_dir = opt.offload.nvme.scratch.path
             out[(stage, dtype, ga, kind)]["swap_files"] = len(list(run_dir.glob("*.swp")))
             opt.offload.close()

@@ -19,6 +19,8 @@ from zero_testkit import run_distributed
 STEPS = 3
 CONFIGS = [(1, "fp32", 1), (2, "fp32", 2), (2, "bf16", 1), (3, "fp32", 1), (3, "bf16", 1)]
 CASES = [(*c, kind) for c in CONFIGS for kind in ("none", "cpu", "nvme")]
+# Stage 3 with the parameter shards on NVMe as well (offload_param nvme, max_in_cpu 0).
+CASES += [(3, dtype, 1, "nvme+param") for dtype in ("fp32", "bf16")]
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +53,20 @@ def test_offload_matches_no_offload(results: list[dict[Any, Any]], case: tuple) 
         assert max(np.abs(got["params"][k] - init[k]).max() for k in init) > 0.5 * oc.LR
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=str)
-def test_nvme_state_lives_in_swap_files_removed_at_close(results: list[dict[Any, Any]], config: tuple) -> None:
+@pytest.mark.parametrize("case", [c for c in CASES if c[3].startswith("nvme")], ids=str)
+def test_nvme_state_lives_in_swap_files_removed_at_close(results: list[dict[Any, Any]], case: tuple) -> None:
     for res in results:
-        got = res[(*config, "nvme")]
+        got = res[case]
         b = got["bytes"]
         # Master and moments are in files: no host copy is left; 3 fp32 tensors per partition element swapped.
         assert b["master"] == 0 and b["optimizer_state"] == 0 and b["swapped"] > 0, b
         assert got["pieces"] > 1  # sub_group_size=700 cut the partitions into several pieces
         assert got["swap_files"] == 3 * got["pieces"]
         assert got["removed"]  # the run directory went away with the optimizer
+        if case[3] == "nvme+param":
+            # Every non-persistent unit's shard lives in a file and was read back for each gather.
+            assert got["param_units"] > 3 and got["param_read"] > 0
+            assert b["params"] < res[(*case[:3], "nvme")]["bytes"]["params"]
 
 
 @pytest.mark.parametrize("stage", [2, 3])

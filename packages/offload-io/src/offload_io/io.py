@@ -15,6 +15,7 @@ A failed request never reports success: a short read (a truncated or missing scr
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,8 +59,13 @@ def _bytes_view(tensor: torch.Tensor) -> memoryview:
         raise ValueError(
             f"swap IO needs a contiguous CPU tensor, got one on {tensor.device} (contiguous: {tensor.is_contiguous()})"
         )
-    flat = tensor.reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0:
+        return memoryview(bytearray())
+    # A view over the raw memory, not ``tensor.numpy()``: exporting to numpy pins the storage's size, and
+    # ZeRO-3 frees and re-grows parameter storages (resize_) between uses. The caller keeps ``tensor`` alive
+    # until the request completes.
+    return memoryview((ctypes.c_char * nbytes).from_address(tensor.data_ptr())).cast("B")
 
 
 class ThreadPoolHandle:
@@ -100,14 +106,15 @@ class ThreadPoolHandle:
         parts = max(1, min(self.parallelism, -(-total // self.block_size)))
         step = -(-total // parts)
         futures = [
-            self._pool.submit(self._run, write, view[a : min(a + step, total)], os.fspath(path), offset + a)
+            self._pool.submit(self._run, write, view[a : min(a + step, total)], os.fspath(path), offset + a, tensor)
             for a in range(0, max(total, 1), max(step, 1))
         ]
         with self._lock:
             self._pending += futures
         return len(futures)
 
-    def _run(self, write: bool, view: memoryview, path: str, offset: int) -> None:
+    def _run(self, write: bool, view: memoryview, path: str, offset: int, owner: torch.Tensor) -> None:
+        # ``owner``: the tensor ``view`` points into, held here so its memory outlives the request.
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600) if write else os.open(path, os.O_RDONLY)
         except OSError as e:

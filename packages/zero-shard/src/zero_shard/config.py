@@ -224,9 +224,14 @@ class ZeroConfig(BaseModel):
         if off is not None and off.enabled and off.super_offload:
             out.append("zero_optimization.offload_optimizer.super_offload")
         par = self.offload_param
-        # Like offload_optimizer: a CPU model's stage-3 partitions already live in CPU memory.
-        if par is not None and par.enabled and not (par.device == OffloadDevice.cpu and model_on_cpu):
-            out.append(f"zero_optimization.offload_param.device={par.device.value!r}")
+        # A CPU model's stage-3 partitions already live in CPU memory; otherwise the shards move (cpu/nvme),
+        # which is built together with optimizer offload (the step writes the offloaded shards directly).
+        moves = par is not None and par.enabled and not (par.device == OffloadDevice.cpu and model_on_cpu)
+        if moves and not (off is not None and off.enabled):
+            out.append(
+                f"zero_optimization.offload_param.device={par.device.value!r} without offload_optimizer "
+                f"(set zero_optimization.offload_optimizer.device to 'cpu' or 'nvme' as well)"
+            )
         if self.zero_hpz_partition_size > 1:
             out.append("zero_optimization.zero_hpz_partition_size>1 (ZeRO++ hpZ)")
         if self.zero_quantized_weights or self.zero_quantized_nontrainable_weights:

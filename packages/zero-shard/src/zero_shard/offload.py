@@ -129,6 +129,9 @@ class OptimizerOffload:
         """Remove the swap files (also done at interpreter exit)."""
         if self.nvme is not None:
             self.nvme.close()
+        store = getattr(self.opt, "param_store", None)
+        if store is not None:
+            store.close()
 
     # ---- the step ------------------------------------------------------------------------------------------
 
@@ -147,11 +150,16 @@ class OptimizerOffload:
         factor = clip_factor(total, opt.gradient_clipping, inv)
         # Every gradient copy starts now; each partition waits only for its own.
         down = [self.transfer.down(g, i) for i, g in enumerate(raw)]
+        units = opt.units if opt.stage == 3 else []
+        for u in units:
+            u.swap_in_shard(read=False)  # offload_param nvme: the step rewrites every shard whole
         if self.nvme_enabled:
             self._step_nvme(down, factor)
         else:
             self._step_cpu(down, factor)
         self.transfer.finish()
+        for u in units:
+            u.swap_out_shard()
         opt._refresh_model(copy_master=False)
         opt.reducer.zero_grad()
         opt.global_steps += 1

@@ -507,7 +507,10 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         self.layout_group = [u.group for u in units]
         self.masters = []
         self.flat_params = []
-        off = self.offload if self.offload is not None and self.offload.relocates_master else None
+        par = self.config.offload_param
+        # Offloaded parameter shards need a master of their own (an fp32 shard may otherwise be the master).
+        param_off = par is not None and par.enabled and (par.device.value == "nvme" or device.type != "cpu")
+        off = self.offload if self.offload is not None and (self.offload.relocates_master or param_off) else None
         if off is not None:
             off.plan([u.layout.partition_numel for u in units])
         for li, u in enumerate(units):
@@ -535,6 +538,9 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
             u.master = master
             self.masters.append(nn.Parameter(master, requires_grad=False))
             self.flat_params.append(u.full)
+        self.param_store = None
+        if param_off:
+            self._offload_params(units, par)
         self.coordinator = ParamCoordinator(
             module,
             units,
@@ -560,6 +566,24 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         lo, hi = self.layouts[li].partition(self.rank)
         return self.flat_params[li][lo:hi]
 
+    def _offload_params(self, units: list[Any], par: Any) -> None:
+        """``offload_param``: shards to host memory (cpu) or swap files (nvme), persistent units excepted."""
+        from offload_io.cpu_state import host_empty
+
+        if par.device.value == "nvme":
+            from offload_io.param_state import SwappedParams
+
+            aio = self.offload.aio if self.offload is not None else None
+            self.param_store = SwappedParams(par, aio=aio, dtype=self.compute_dtype, tag=f"param-rank{self.rank}")
+        for u in units:
+            if u.persistent:
+                continue
+            n = u.shard.numel()
+            if self.param_store is not None and not self.param_store.keep_in_cpu(n):
+                u.attach_store(self.param_store, f"unit{u.index}")
+            elif u.shard.device.type != "cpu":
+                u.place_shard(host_empty(n, self.compute_dtype, pin=par.pin_memory))
+
     def _refresh_model(self, copy_master: bool = True) -> None:
         """Copy the fp32 master into the compute-dtype flat buffers and share the partitions.
 
@@ -570,8 +594,10 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
                 for li, (u, master) in enumerate(zip(self.units, self.masters, strict=True)):
                     if copy_master:
                         with self._resident(li):
+                            u.swap_in_shard(read=False)
                             if u.shard.data_ptr() != master.data_ptr():
                                 u.shard.copy_(master)
+                            u.swap_out_shard()
                     u.refresh(self.config.allgather_bucket_size)
             return
         with torch.no_grad():
