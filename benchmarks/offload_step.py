@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(nvme_dir, ignore_errors=True)
     t = {k: v["step_s"] for k, v in rows.items()}
     serial_extra = t["nvme-serial"] - t["cpu"]
-    by_time = 1.0 - (t["nvme"] - t["cpu"]) / serial_extra if serial_extra > 0 else 1.0
+    # Undefined (None) when serial swapping did not measure slower than CPU offload (noise dominates).
+    by_time = 1.0 - (t["nvme"] - t["cpu"]) / serial_extra if serial_extra > 0 else None
 
     def waited(name: str) -> float:
         return rows[name]["read_wait_s"] + rows[name]["write_wait_s"]
@@ -159,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "time_vs_no_offload": {"cpu": t["cpu"] / t["none"], "nvme": t["nvme"] / t["none"]},
         "io_hidden_fraction": max(0.0, min(1.0, hidden)),
-        "io_hidden_fraction_by_step_time": max(0.0, min(1.0, by_time)),
+        "io_hidden_fraction_by_step_time": None if by_time is None else max(0.0, min(1.0, by_time)),
     }
 
 
@@ -173,9 +174,10 @@ def report(res: dict[str, Any]) -> None:
             f"{name:<12} {r['step_s']:>9.4f} {r['optimizer_step_s']:>11.4f} {r['step_s'] / none:>8.3f} "
             f"{r.get('read_wait_s', 0):>12.4f} {r.get('write_wait_s', 0):>13.4f}"
         )
+    by_time = res["io_hidden_fraction_by_step_time"]
     print(
         f"io_hidden_fraction {res['io_hidden_fraction']:.2f} (blocked-on-IO time), "
-        f"{res['io_hidden_fraction_by_step_time']:.2f} by step time"
+        f"{'n/a' if by_time is None else f'{by_time:.2f}'} by step time"
     )
 
 
