@@ -101,7 +101,7 @@ def test_scratch_removed_at_exit_and_stale_after_crash(tmp_path: Path) -> None:
 
 def test_swapper_prefetch_write_back_and_missing_file(tmp_path: Path) -> None:
     scratch = ScratchDir(tmp_path)
-    pool = BufferPool(3, 1000)
+    pool = BufferPool(3, 1024)  # 900-904 fp32 elements pad to 1024 (4 KiB): whole O_DIRECT blocks
     sw = TensorSwapper(scratch, pool, ThreadPoolHandle(), ThreadPoolHandle())
     values = {f"t{i}": torch.randn(900 + i) for i in range(5)}
     for k, v in values.items():
@@ -155,6 +155,8 @@ def test_swapped_state_sweep_matches_in_memory_update(tmp_path: Path, overlap: b
         for k in r:
             assert torch.equal(got[k], r[k]), (pid, k)
     assert state.stats.bytes_read > 0 and state.stats.bytes_written > 0
+    # Every swap file is a whole number of 4 KiB blocks (what O_DIRECT moves).
+    assert all(p.stat().st_size % 4096 == 0 for p in state.scratch.path.glob("*.swp"))
     run_dir = state.scratch.path
     state.close()
     assert not run_dir.exists()

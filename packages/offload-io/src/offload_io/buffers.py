@@ -12,7 +12,13 @@ import torch
 
 from offload_io.io import aligned_empty
 
-__all__ = ["BufferPool", "PoolExhaustedError"]
+__all__ = ["BufferPool", "PoolExhaustedError", "padded_numel"]
+
+
+def padded_numel(numel: int, itemsize: int, alignment: int = 4096) -> int:
+    """``numel`` rounded up so that the bytes are a multiple of ``alignment`` (O_DIRECT transfers whole blocks)."""
+    per = max(1, alignment // itemsize)
+    return -(-int(numel) // per) * per
 
 
 class PoolExhaustedError(RuntimeError):
@@ -29,6 +35,7 @@ class BufferPool:
             raise ValueError(f"BufferPool needs count >= 1 and numel >= 1, got count={count}, numel={numel}")
         self.numel = int(numel)
         self.dtype = dtype
+        self.itemsize = torch.empty(0, dtype=dtype).element_size()
         self.alignment = alignment
         self._buffers = [aligned_empty(self.numel, dtype, alignment=alignment, pin=pin) for _ in range(count)]
         self._free = list(range(count))

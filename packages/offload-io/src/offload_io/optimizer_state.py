@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from offload_io.buffers import BufferPool
+from offload_io.buffers import BufferPool, padded_numel
 from offload_io.config import AioConfig, OffloadOptimizerConfig
 from offload_io.io import open_handle
 from offload_io.scratch import ScratchDir
@@ -57,7 +57,8 @@ class SwappedOptimizerState:
         self.overlap = overlap
         self.scratch = ScratchDir(config.nvme_path, tag)
         count = max(int(config.buffer_count), 2 * len(self.keys))
-        self.pool = BufferPool(count, max(self.piece_numels), torch.float32, pin=config.pin_memory)
+        largest = max(padded_numel(n, 4) for n in self.piece_numels)
+        self.pool = BufferPool(count, largest, torch.float32, pin=config.pin_memory)
         self.swapper = TensorSwapper(self.scratch, self.pool, open_handle(aio), open_handle(aio))
         for pid, n in enumerate(self.piece_numels):
             for k in self.keys:

@@ -35,7 +35,8 @@ class SwappedParams:
         self.config = config
         self.dtype = dtype
         self.scratch = ScratchDir(config.nvme_path, tag)
-        self.handle = open_handle(aio)
+        # Buffered IO: shards are read straight into (unaligned) gather buffers, which O_DIRECT would refuse.
+        self.handle = open_handle(aio, use_direct=False)
         self.budget = int(config.max_in_cpu)
         self._pool: BufferPool | None = None
         self.bytes_read = self.bytes_written = 0

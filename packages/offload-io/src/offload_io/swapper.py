@@ -10,7 +10,8 @@ brings them into buffers of a :class:`~offload_io.buffers.BufferPool` on demand:
   so waiting for a read never waits for unrelated write-back;
 - :meth:`discard` gives a fetched tensor's buffer back without writing (it was only read).
 
-Every tensor is one file, written whole; before each read the file's size is checked, so a swap file that
+Every tensor is one file, written whole and padded to a multiple of the pool's alignment (so an O_DIRECT
+engine only ever moves whole blocks from aligned buffers); before each read the file's size is checked, so a swap file that
 was removed or truncated under a running job is an error naming the file (never zeros or stale data).
 Time spent blocked on IO is recorded in :attr:`stats` (the benchmark reports how much IO was hidden).
 """
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from offload_io.buffers import BufferPool
+from offload_io.buffers import BufferPool, padded_numel
 from offload_io.io import IOHandle, SwapIOError
 from offload_io.scratch import ScratchDir
 
@@ -58,6 +59,7 @@ class TensorSwapper:
         self.reader = read_handle
         self.writer = write_handle
         self._numel: dict[str, int] = {}
+        self._io_numel: dict[str, int] = {}  # padded to the alignment: what is read and written
         self._on_disk: set[str] = set()
         self._reading: dict[str, torch.Tensor] = {}
         self._resident: dict[str, torch.Tensor] = {}
@@ -68,11 +70,14 @@ class TensorSwapper:
 
     def register(self, key: str, numel: int) -> None:
         """Declare tensor ``key`` of ``numel`` elements of the pool's dtype (its file is written later)."""
-        if numel > self.pool.numel:
+        io = padded_numel(numel, self.pool.itemsize, self.pool.alignment)
+        if io > self.pool.numel:
             raise ValueError(
-                f"swap tensor {key}: {numel} elements do not fit the pool's {self.pool.numel}-element buffers"
+                f"swap tensor {key}: {numel} elements (padded to {io}) do not fit the pool's "
+                f"{self.pool.numel}-element buffers"
             )
         self._numel[key] = int(numel)
+        self._io_numel[key] = io
 
     def path(self, key: str) -> str:
         """The swap file of ``key``."""
@@ -91,11 +96,11 @@ class TensorSwapper:
     def new(self, key: str) -> torch.Tensor:
         """A buffer for ``key`` that starts resident without a read (its first value is written by the caller)."""
         if key in self._resident:
-            return self._resident[key]
+            return self._resident[key][: self._numel[key]]
         self._finish_write_of(key)
-        buf = self._acquire(self._numel[key])
+        buf = self._acquire(self._io_numel[key])
         self._resident[key] = buf
-        return buf
+        return buf[: self._numel[key]]
 
     def prefetch(self, key: str) -> None:
         """Start reading ``key`` (no-op when it is resident or already being read)."""
@@ -104,7 +109,7 @@ class TensorSwapper:
         if key not in self._on_disk:
             raise KeyError(f"swap tensor {key} was never written (nothing to read)")
         self._finish_write_of(key)
-        path, numel = self.path(key), self._numel[key]
+        path, numel = self.path(key), self._io_numel[key]
         buf = self._acquire(numel)
         nbytes = numel * buf.element_size()
         try:
@@ -127,7 +132,7 @@ class TensorSwapper:
     def fetch(self, key: str) -> torch.Tensor:
         """``key`` in memory (a pool buffer), reading it first when needed."""
         if key in self._resident:
-            return self._resident[key]
+            return self._resident[key][: self._numel[key]]
         self.prefetch(key)
         t0 = time.perf_counter()
         try:
@@ -141,7 +146,7 @@ class TensorSwapper:
             self.stats.read_wait_s += time.perf_counter() - t0
         self._resident.update(self._reading)
         self._reading.clear()
-        return self._resident[key]
+        return self._resident[key][: self._numel[key]]
 
     def write_back(self, key: str) -> None:
         """Start writing the resident ``key`` to its file; its buffer is reused once the write completes."""
