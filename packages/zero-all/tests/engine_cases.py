@@ -245,7 +245,7 @@ def initialize_errors(rank: int, world_size: int) -> dict[str, Any]:
             {
                 "train_batch_size": 4,
                 "optimizer": {"type": "AdamW"},
-                "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}},
+                "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "ratio": 0.5}},
             },
             {},
         ),

@@ -119,7 +119,7 @@ def test_initialize_error_paths() -> None:
     assert errors["onebit"].startswith("NotImplementedError") and "OneBitAdam" in errors["onebit"]
     assert "accepted:" in errors["onebit"]
     assert "optimizer.params.lr is 'auto'" in errors["lr_auto"]
-    assert errors["offload"].startswith("NotImplementedError") and "offload" in errors["offload"]
+    assert errors["offload"].startswith("NotImplementedError") and "ratio=0.5" in errors["offload"]
     assert "fp16" in errors["fp16_and_bf16"] and "bf16" in errors["fp16_and_bf16"]
     assert errors["stage3_nvme"].startswith("NotImplementedError") and "offload_param" in errors["stage3_nvme"]
     assert "needs config=" in errors["no_config"]

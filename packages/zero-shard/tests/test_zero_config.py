@@ -50,12 +50,14 @@ def test_example_configs_validate() -> None:
     assert c2.reduce_bucket_size == 200_000_000 and isinstance(c2.allgather_bucket_size, int)
     assert c2.offload_optimizer.device == "cpu" and c2.offload_optimizer.pin_memory
     assert c2.unsupported_features(model_on_cpu=True) == []
-    assert c2.unsupported_features(model_on_cpu=False)  # CPU offload of an accelerator model: not built yet
+    assert c2.unsupported_features(model_on_cpu=False) == []  # CPU offload of an accelerator model (zero_shard.offload)
     c3 = ZeroConfig.model_validate(EXAMPLE_ZERO3)
     assert c3.prefetch_bucket_size == "auto" and c3.max_live_parameters == 1_000_000_000
     assert c3.gather_16bit_weights_on_model_save
     assert c3.unsupported_features(model_on_cpu=True) == []  # stage 3; CPU "offload" of a CPU model is a no-op
-    assert any("offload_param" in f for f in c3.unsupported_features(model_on_cpu=False))
+    assert c3.unsupported_features(model_on_cpu=False) == []  # both offloaded to CPU (zero_shard.offload)
+    alone = ZeroConfig.model_validate({"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp"}})
+    assert any("without offload_optimizer" in f for f in alone.unsupported_features(model_on_cpu=True))
     r = c3.resolve_auto(hidden_size=64)
     assert (r.reduce_bucket_size, r.prefetch_bucket_size, r.param_persistence_threshold) == (4096, 3686, 640)
     assert c3.resolve_auto().reduce_bucket_size == 500_000_000 == c3.reduce_bucket_elements

@@ -253,7 +253,10 @@ def initialize(
                 stacklevel=2,
             )
         check_optimizer_stage(cfg.optimizer.type, int(cfg.zero_optimization.stage))
-        factory = optimizer_factory(cfg.optimizer.type, dict(cfg.optimizer.params), device)
+        # With offload_optimizer the fp32 partitions live in host memory: the optimizer is ds-native's CPU Adam.
+        offload = cfg.zero_optimization.offload_optimizer
+        opt_device = torch.device("cpu") if offload is not None and offload.enabled else device
+        factory = optimizer_factory(cfg.optimizer.type, dict(cfg.optimizer.params), opt_device)
         groups = _named_groups(model, model_parameters)
     elif optimizer is not None:
         factory = _client_factory(optimizer)
@@ -287,6 +290,8 @@ def initialize(
         # Pipeline/tensor parallelism: clipping and fp16 overflow see the whole model (each element once).
         model_parallel_group=layout.model_parallel_group,
         replicated_params=norm_replicated_params(model, layout),
+
+        aio_config=cfg.aio,
     )
 
     if cfg.gradient_allreduce_op == "sum":

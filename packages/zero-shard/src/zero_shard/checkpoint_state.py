@@ -78,33 +78,34 @@ def sharded_state(opt: ZeroShardedOptimizer) -> Shard:
     local_keys_of: list[set[str]] = [set() for _ in range(n_groups)]
     # One layout per param group at stages 0-2; at stage 3 one per unit, several per group.
     for li, lay in enumerate(opt.layouts):
-        g = opt.layout_group[li]
-        lo, hi = lay.partition(opt.rank)
-        master = opt.masters[li].detach()
-        state = opt.inner.state.get(opt.masters[li], {})
-        # State that differs per rank (onebit-comm's error-feedback buffers) is saved whole, per rank.
-        # (Only at stage 0, where a group has one layout: li == g.)
-        local = _rank_local(opt, li)
-        for k, t in local.items():
-            tensors[f"{RANK_LOCAL}{g}/{k}"] = t.detach().clone()
-        local_keys_of[g].update(local)
-        # Stage 0 holds the whole group: save only the range this rank would own at stage 1.
-        part = {"master": master[lo:hi] if opt.stage == 0 else master}
-        for k, v in state.items():
-            if _is_elementwise(v) and k not in local:
-                part[k] = v[lo:hi] if opt.stage == 0 else v
-            elif k not in local and k not in scalars_of[g]:
-                scalars_of[g][k] = _encode_scalar(v)
-        keys_of[g].update(k for k in part if k != "master")
-        for slot in lay.slots:
-            params[slot.name] = {"group": g, "shape": list(slot.shape), "start": 0, "end": 0}
-        for i, a, b in lay.fragments(opt.rank):
-            slot = lay.slots[i]
-            params[slot.name].update(start=a, end=b)
-            off = slot.offset + a - lo
-            for k, t in part.items():
-                # Own storage, contiguous: safetensors refuses views that share memory.
-                tensors[f"{slot.name}/{k}"] = t[off : off + b - a].detach().clone()
+        with opt._resident(li):  # NVMe offload: this partition's state from its swap files
+            g = opt.layout_group[li]
+            lo, hi = lay.partition(opt.rank)
+            master = opt.masters[li].detach()
+            state = opt.inner.state.get(opt.masters[li], {})
+            # State that differs per rank (onebit-comm's error-feedback buffers) is saved whole, per rank.
+            # (Only at stage 0, where a group has one layout: li == g.)
+            local = _rank_local(opt, li)
+            for k, t in local.items():
+                tensors[f"{RANK_LOCAL}{g}/{k}"] = t.detach().clone()
+            local_keys_of[g].update(local)
+            # Stage 0 holds the whole group: save only the range this rank would own at stage 1.
+            part = {"master": master[lo:hi] if opt.stage == 0 else master}
+            for k, v in state.items():
+                if _is_elementwise(v) and k not in local:
+                    part[k] = v[lo:hi] if opt.stage == 0 else v
+                elif k not in local and k not in scalars_of[g]:
+                    scalars_of[g][k] = _encode_scalar(v)
+            keys_of[g].update(k for k in part if k != "master")
+            for slot in lay.slots:
+                params[slot.name] = {"group": g, "shape": list(slot.shape), "start": 0, "end": 0}
+            for i, a, b in lay.fragments(opt.rank):
+                slot = lay.slots[i]
+                params[slot.name].update(start=a, end=b)
+                off = slot.offset + a - lo
+                for k, t in part.items():
+                    # Own storage, contiguous: safetensors refuses views that share memory.
+                    tensors[f"{slot.name}/{k}"] = t[off : off + b - a].detach().clone()
     groups = []
     for g in range(n_groups):
         hyper = {k: _jsonable(v) for k, v in opt.inner.param_groups[g].items() if k != "params"}
@@ -201,38 +202,39 @@ def load_sharded_state(opt: ZeroShardedOptimizer, shards: list[Shard]) -> None:
     load_master = opt.config.load_from_fp32_weights or opt.stage == 3
     dtype_cache: dict[int, dict[str, torch.dtype]] = {}
     for li, lay in enumerate(opt.layouts):
-        g = opt.layout_group[li]
-        master = opt.masters[li]
-        # The flat range this rank keeps: everything at stage 0, its partition otherwise.
-        lo, hi = (0, lay.padded_numel) if opt.stage == 0 else lay.partition(opt.rank)
-        group_meta = meta0["groups"][g]
-        keys = group_meta["state_keys"]
-        if g not in dtype_cache:
-            probe = _any_name(
-                shards, [s for li2, l2 in enumerate(opt.layouts) if opt.layout_group[li2] == g for s in l2.slots]
-            )
-            dtype_cache[g] = {k: shards[0][0][f"{probe}/{k}"].dtype for k in keys} if probe is not None else {}
-        dtypes = dtype_cache[g]
-        new = {k: torch.zeros(hi - lo, dtype=dtypes.get(k, torch.float32), device=master.device) for k in keys}
-        if load_master:
-            new["master"] = torch.zeros(hi - lo, dtype=torch.float32, device=master.device)
-        for slot in lay.slots:
-            a, b = max(lo, slot.offset), min(hi, slot.end)
-            if a >= b:
-                continue
-            for k, t in new.items():
-                _gather_range(shards, index, slot.name, k, a - slot.offset, b - slot.offset, t[a - lo : b - lo])
-        with torch.no_grad():
+        with opt._resident(li, write=True):  # NVMe offload: loaded into memory, then into the swap files
+            g = opt.layout_group[li]
+            master = opt.masters[li]
+            # The flat range this rank keeps: everything at stage 0, its partition otherwise.
+            lo, hi = (0, lay.padded_numel) if opt.stage == 0 else lay.partition(opt.rank)
+            group_meta = meta0["groups"][g]
+            keys = group_meta["state_keys"]
+            if g not in dtype_cache:
+                probe = _any_name(
+                    shards, [s for li2, l2 in enumerate(opt.layouts) if opt.layout_group[li2] == g for s in l2.slots]
+                )
+                dtype_cache[g] = {k: shards[0][0][f"{probe}/{k}"].dtype for k in keys} if probe is not None else {}
+            dtypes = dtype_cache[g]
+            new = {k: torch.zeros(hi - lo, dtype=dtypes.get(k, torch.float32), device=master.device) for k in keys}
             if load_master:
-                master.copy_(new.pop("master"))
-            else:
-                # DeepSpeed's load_from_fp32_weights=false: the master restarts from the (16-bit) model.
-                master.copy_(opt.flat_params[li][lo:hi].float())
-        state: dict[str, Any] = dict(new)
-        for k, d in group_meta["scalars"].items():
-            state[k] = _decode_scalar(d, master.device)
-        opt.inner.state[master] = state
-        _load_rank_local(opt, shards, li, g)
+                new["master"] = torch.zeros(hi - lo, dtype=torch.float32, device=master.device)
+            for slot in lay.slots:
+                a, b = max(lo, slot.offset), min(hi, slot.end)
+                if a >= b:
+                    continue
+                for k, t in new.items():
+                    _gather_range(shards, index, slot.name, k, a - slot.offset, b - slot.offset, t[a - lo : b - lo])
+            with torch.no_grad():
+                if load_master:
+                    master.copy_(new.pop("master"))
+                else:
+                    # DeepSpeed's load_from_fp32_weights=false: the master restarts from the (16-bit) model.
+                    master.copy_(opt.flat_params[li][lo:hi].float())
+            state: dict[str, Any] = dict(new)
+            for k, d in group_meta["scalars"].items():
+                state[k] = _decode_scalar(d, master.device)
+            opt.inner.state[master] = state
+            _load_rank_local(opt, shards, li, g)
     for g in range(n_groups):
         group = opt.inner.param_groups[g]
         for k, v in meta0["groups"][g]["hyper"].items():

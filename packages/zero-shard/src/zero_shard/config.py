@@ -211,20 +211,27 @@ class ZeroConfig(BaseModel):
     def unsupported_features(self, *, model_on_cpu: bool = True) -> list[str]:
         """Configured features that zero-shard does not implement yet (empty when all is built).
 
-        ``offload_optimizer.device='cpu'`` (and at stage 3 ``offload_param.device='cpu'``) is supported trivially
-        when the model itself lives on CPU: the fp32 master partition, the optimizer states and the stage-3
-        parameter partitions are then already in CPU memory and the step runs there.
+        ``offload_optimizer`` (``cpu`` and ``nvme``) is built for stages 1-3 (:mod:`zero_shard.offload`), except
+        a partial offload (``ratio`` < 1). At stage 3 ``offload_param.device='cpu'`` is supported when the model
+        itself lives on CPU (its parameter partitions are then in CPU memory already).
         """
         out = []
         off = self.offload_optimizer
-        if off is not None and off.device == OffloadDevice.nvme:
-            out.append("zero_optimization.offload_optimizer.device='nvme'")
-        if off is not None and off.device == OffloadDevice.cpu and not model_on_cpu:
-            out.append("zero_optimization.offload_optimizer.device='cpu' with an accelerator model")
+        if off is not None and off.enabled and off.ratio < 1.0:
+            out.append(
+                f"zero_optimization.offload_optimizer.ratio={off.ratio} (partial offload; use 1.0: everything offloaded)"
+            )
+        if off is not None and off.enabled and off.super_offload:
+            out.append("zero_optimization.offload_optimizer.super_offload")
         par = self.offload_param
-        # Like offload_optimizer: a CPU model's stage-3 partitions already live in CPU memory.
-        if par is not None and par.enabled and not (par.device == OffloadDevice.cpu and model_on_cpu):
-            out.append(f"zero_optimization.offload_param.device={par.device.value!r}")
+        # A CPU model's stage-3 partitions already live in CPU memory; otherwise the shards move (cpu/nvme),
+        # which is built together with optimizer offload (the step writes the offloaded shards directly).
+        moves = par is not None and par.enabled and not (par.device == OffloadDevice.cpu and model_on_cpu)
+        if moves and not (off is not None and off.enabled):
+            out.append(
+                f"zero_optimization.offload_param.device={par.device.value!r} without offload_optimizer "
+                f"(set zero_optimization.offload_optimizer.device to 'cpu' or 'nvme' as well)"
+            )
         if self.zero_hpz_partition_size > 1:
             out.append("zero_optimization.zero_hpz_partition_size>1 (ZeRO++ hpZ)")
         if self.zero_quantized_weights or self.zero_quantized_nontrainable_weights:

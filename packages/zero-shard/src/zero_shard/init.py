@@ -229,10 +229,15 @@ def GatheredParameters(
                 _broadcast_from(u.full, modifier_rank, u.process_group)
                 lo, hi = u.layout.partition(u.rank)
                 with torch.no_grad():
+                    u.swap_in_shard(read=False)  # offload_param nvme: the shard is rewritten whole
                     if u.shard.data_ptr() != u.full[lo:hi].data_ptr():
                         u.shard.copy_(u.full[lo:hi])
-                    if u.master is not None and u.master.data_ptr() != u.shard.data_ptr():
+                    writer = getattr(u, "master_writer", None)
+                    if writer is not None:
+                        writer(u.shard.float())  # NVMe offload: the master lives in swap files
+                    elif u.master is not None and u.master.data_ptr() != u.shard.data_ptr():
                         u.master.copy_(u.shard.float())
+                    u.swap_out_shard()
             if not was_gathered[id(u)]:
                 u.release()
         for p in loose:

@@ -25,6 +25,7 @@ anyway. It doubles the bytes on the wire relative to a 16-bit reduction.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,8 @@ from zero_shard.grad_reduce import GradReducer
 from zero_shard.torch_optimizer import TorchOptimizerFacade
 
 if TYPE_CHECKING:
+    from offload_io import AioConfig
+    from zero_shard.offload import OptimizerOffload
     from zero_shard.stage3 import ParamCoordinator
 
 __all__ = ["ZeroShardedOptimizer", "default_optimizer_factory"]
@@ -135,6 +138,11 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
             identically and counts (tensor-parallel replicated biases/norms on tensor rank > 0, tied
             weights on a pipeline stage other than the first that uses them): left out of the norm so
             that each element counts once, still unscaled, clipped and checked for inf/nan.
+
+        aio_config: the ``aio`` section (offload-io's ``AioConfig``) for NVMe offload's file IO (None: defaults).
+
+    With ``config.offload_optimizer.device`` ``cpu`` or ``nvme`` the master partitions and optimizer state
+    live in host memory or NVMe swap files and the step runs on the CPU (:mod:`zero_shard.offload`).
     """
 
     def __init__(
@@ -153,6 +161,8 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         module: nn.Module | None = None,
         model_parallel_group: dist.ProcessGroup | None = None,
         replicated_params: Iterable[torch.Tensor] = (),
+
+        aio_config: AioConfig | None = None,
     ) -> None:
         config = config if config is not None else ZeroConfig()
         if int(config.stage) == 3 and module is None:
@@ -202,6 +212,12 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
             raise ValueError("stage 0 needs the whole reduced gradient on every rank: grad collective 'all_reduce'")
 
         self.coordinator: ParamCoordinator | None = None
+        self.offload: OptimizerOffload | None = None
+        off = config.offload_optimizer
+        if off is not None and off.enabled:
+            from zero_shard.offload import OptimizerOffload
+
+            self.offload = OptimizerOffload(self, off, aio_config, device)
         if self.stage == 3:
             self._build_stage3(groups, module, device, process_group)
         else:
@@ -214,6 +230,8 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         )
         if len(self.inner.param_groups) != len(groups):
             raise ValueError("optimizer_factory must keep one param group per group it is given")
+        if self.offload is not None:
+            self.offload.check_inner(self.inner)
         # [Note: self-communicating optimizers] An inner optimizer with ``communicates_gradients``
         # (onebit-comm's 1-bit Adam / 0/1 Adam / 1-bit LAMB) averages what it needs itself. Before each
         # boundary backward we ask it whether its next step wants full-precision averaged gradients
@@ -276,8 +294,10 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
             raise ValueError("ZeroShardedOptimizer.step does not take a closure")
         if self.coordinator is not None:
             self.coordinator.release_all()
-            if self._partition_numel > self.config.sub_group_size:
-                return self._step_in_sub_groups()
+        if self.offload is not None:
+            return self.offload.step()
+        if self.coordinator is not None and self._partition_numel > self.config.sub_group_size:
+            return self._step_in_sub_groups()
         # A 16-bit stage-2 partition is upcast for the step only: unscaling fp16 gradients in fp16 would
         # flush the small ones to zero, and the inner optimizer wants fp32 gradients for fp32 masters.
         grads = [self.reducer.grads_for_step(g).float() for g in range(len(self.masters))]
@@ -393,6 +413,8 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         grads = sum(
             t.numel() * t.element_size() for t in (*self.reducer.part_grads, *self.reducer.accum) if t is not None
         )
+        # NVMe offload: master and moments are in swap files (the masters are empty placeholders here).
+        swapped = {"swapped": self.offload.swapped_bytes()} if self.offload is not None else {}
         if self.stage == 3:
             # Parameters: the full buffers allocated right now (persistent units, any unit still gathered)
             # plus every shard that is its own memory (an fp32 persistent unit's shard is a view of its buffer).
@@ -410,7 +432,7 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
                 "optimizer_state": state,
                 "gradients": grads,
                 "params": full + sum(t.numel() * t.element_size() for t in own_shards),
-            }
+            } | swapped
         # An fp32 model's master shares the parameters' memory: count it only where it is a copy.
         own = [
             m
@@ -422,7 +444,7 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
             "optimizer_state": state,
             "gradients": grads,
             "params": sum(f.numel() * f.element_size() for f in self.flat_params),
-        }
+        } | swapped
 
     def empty_partition_cache(self) -> None:
         """Stage 3: free every gathered, non-persistent unit now (DeepSpeed's name). No-op below stage 3."""
@@ -487,10 +509,25 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         # fp32 master: from the parameters' values before any cast to the compute dtype.
         self.masters: list[nn.Parameter] = []
         self.flat_params: list[torch.Tensor] = []
-        for lay in self.layouts:
-            full = lay.flatten(torch.float32, device)
+        off = self.offload if self.offload is not None and self.offload.relocates_master else None
+        if off is not None:
+            off.plan([lay.partition_numel for lay in self.layouts])
+        for li, lay in enumerate(self.layouts):
             lo, hi = lay.partition(self.rank)
-            if self.compute_dtype in _LOW_PRECISION:
+            if off is not None and off.nvme_enabled:
+                # NVMe: the master goes to swap files piece by piece, never whole in memory.
+                flat = lay.flatten(self.compute_dtype, device)
+                master = off.make_master(li, None, lay)
+                self.masters.append(nn.Parameter(master, requires_grad=False))
+                self.flat_params.append(flat)
+                lay.bind_params(flat)
+                continue
+            full = lay.flatten(torch.float32, device)
+            if off is not None:
+                # Host master (CPU offload of an accelerator model): its own memory, never the model's.
+                flat = full.to(self.compute_dtype)
+                master = off.make_master(li, full[lo:hi])
+            elif self.compute_dtype in _LOW_PRECISION:
                 flat = full.to(self.compute_dtype)
                 master = full if self.stage == 0 else full[lo:hi].clone()
             else:
@@ -529,12 +566,24 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         self.layout_group = [u.group for u in units]
         self.masters = []
         self.flat_params = []
-        for u in units:
+        par = self.config.offload_param
+        # Offloaded parameter shards need a master of their own (an fp32 shard may otherwise be the master).
+        param_off = par is not None and par.enabled and (par.device.value == "nvme" or device.type != "cpu")
+        off = self.offload if self.offload is not None and (self.offload.relocates_master or param_off) else None
+        if off is not None:
+            off.plan([u.layout.partition_numel for u in units])
+        for li, u in enumerate(units):
             # Parameters built under zero.Init hold only their partition: gather them one at a time.
             materialize_partitioned(u.params, process_group)
             full = u.layout.flatten(torch.float32, device)
             lo, hi = u.layout.partition(self.rank)
-            if self.compute_dtype in _LOW_PRECISION:
+            if off is not None:
+                # Offloaded master (host memory or swap files): never shared with the unit's shard.
+                master = off.make_master(li, full[lo:hi])
+                u.bind(full)
+                if off.nvme_enabled:
+                    u.master_writer = off.master_writer(li)  # type: ignore[attr-defined]
+            elif self.compute_dtype in _LOW_PRECISION:
                 master = full[lo:hi].clone()
                 u.bind(full)
             elif u.persistent:
@@ -548,6 +597,9 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
             u.master = master
             self.masters.append(nn.Parameter(master, requires_grad=False))
             self.flat_params.append(u.full)
+        self.param_store = None
+        if param_off:
+            self._offload_params(units, par)
         self.coordinator = ParamCoordinator(
             module,
             units,
@@ -560,20 +612,60 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
             max_reuse_distance=int(cfg.max_reuse_distance),
         )
 
-    def _refresh_model(self) -> None:
-        """Copy the fp32 master into the compute-dtype flat buffers and share the partitions."""
+    def _resident(self, li: int, write: bool = False) -> Any:
+        """Context: master ``li`` and its optimizer state in memory (a no-op unless they are on NVMe)."""
+        if self.offload is None:
+            return contextlib.nullcontext()
+        return self.offload.resident(li, write)
+
+    def _offload_target(self, li: int) -> torch.Tensor:
+        """Where master ``li``'s updated values go in the model: its flat partition (stage 3: the unit's shard)."""
+        if self.stage == 3:
+            return self.units[li].shard
+        lo, hi = self.layouts[li].partition(self.rank)
+        return self.flat_params[li][lo:hi]
+
+    def _offload_params(self, units: list[Any], par: Any) -> None:
+        """``offload_param``: shards to host memory (cpu) or swap files (nvme), persistent units excepted."""
+        from offload_io.cpu_state import host_empty
+
+        if par.device.value == "nvme":
+            from offload_io.param_state import SwappedParams
+
+            aio = self.offload.aio if self.offload is not None else None
+            self.param_store = SwappedParams(par, aio=aio, dtype=self.compute_dtype, tag=f"param-rank{self.rank}")
+        for u in units:
+            if u.persistent:
+                continue
+            n = u.shard.numel()
+            if self.param_store is not None and not self.param_store.keep_in_cpu(n):
+                u.attach_store(self.param_store, f"unit{u.index}")
+            elif u.shard.device.type != "cpu":
+                u.place_shard(host_empty(n, self.compute_dtype, pin=par.pin_memory))
+
+    def _refresh_model(self, copy_master: bool = True) -> None:
+        """Copy the fp32 master into the compute-dtype flat buffers and share the partitions.
+
+        ``copy_master=False``: the partitions already hold the new values (the offloaded step wrote them).
+        """
         if self.stage == 3:
             with torch.no_grad():
-                for u, master in zip(self.units, self.masters, strict=True):
-                    if u.shard.data_ptr() != master.data_ptr():
-                        u.shard.copy_(master)
+                for li, (u, master) in enumerate(zip(self.units, self.masters, strict=True)):
+                    if copy_master:
+                        with self._resident(li):
+                            u.swap_in_shard(read=False)
+                            if u.shard.data_ptr() != master.data_ptr():
+                                u.shard.copy_(master)
+                            u.swap_out_shard()
                     u.refresh(self.config.allgather_bucket_size)
             return
         with torch.no_grad():
-            for lay, master, flat in zip(self.layouts, self.masters, self.flat_params, strict=True):
+            for li, (lay, master, flat) in enumerate(zip(self.layouts, self.masters, self.flat_params, strict=True)):
                 lo, hi = (0, lay.padded_numel) if self.stage == 0 else lay.partition(self.rank)
-                if flat[lo:hi].data_ptr() != master.data_ptr():
-                    flat[lo:hi].copy_(master)
+                if copy_master:
+                    with self._resident(li):
+                        if flat[lo:hi].data_ptr() != master.data_ptr():
+                            flat[lo:hi].copy_(master)
                 if self.stage == 0:
                     continue
                 gather_partitions(

@@ -23,6 +23,7 @@ state and gradients are still partitioned.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,7 @@ class Unit:
     pending_grads: int = field(init=False, default=0)
     pinned: int = field(init=False, default=0)  # > 0 inside GatheredParameters: not released by the hooks
     master: torch.Tensor | None = field(init=False, default=None)  # the fp32 master partition (set by the optimizer)
+    store: Any = field(init=False, default=None)  # offload_param nvme: offload_io.SwappedParams holding the shard
 
     def __post_init__(self) -> None:
         self.full = torch.zeros(self.layout.padded_numel, dtype=self.dtype, device=self.device)
@@ -105,7 +107,10 @@ class Unit:
         self.full.untyped_storage().resize_(self._nbytes)
         lo, hi = self.layout.partition(self.rank)
         with torch.no_grad():
-            self.full[lo:hi].copy_(self.shard)
+            if self.store is not None and not self.shard_resident():
+                self.store.load(self.store_key, self.full[lo:hi])  # offload_param nvme: straight from the file
+            else:
+                self.full[lo:hi].copy_(self.shard, non_blocking=self.shard.is_pinned())
         try:
             self.works = launch_gather(
                 self.full,
@@ -168,6 +173,39 @@ class Unit:
             bucket_numel=bucket_numel,
             group=self.process_group,
         )
+
+    # ---- parameter offload (offload_param) ------------------------------------------------------------
+
+    def place_shard(self, shard: torch.Tensor) -> None:
+        """Keep the shard in ``shard`` from now on (offload_param cpu: a host tensor), values copied over."""
+        with torch.no_grad():
+            shard.copy_(self.shard)
+        self.shard = shard
+
+    def attach_store(self, store: Any, key: str) -> None:
+        """offload_param nvme: write the shard to ``store`` and free its memory until it is needed again."""
+        self.store, self.store_key = store, key
+        self._shard_nbytes = self.shard.untyped_storage().nbytes()
+        self.swap_out_shard()
+
+    def shard_resident(self) -> bool:
+        """False while an NVMe-offloaded shard is only in its file."""
+        return self.shard.untyped_storage().nbytes() > 0
+
+    def swap_in_shard(self, read: bool = True) -> None:
+        """Bring an NVMe-offloaded shard into memory (``read=False``: the caller overwrites all of it)."""
+        if self.store is None or self.shard_resident():
+            return
+        self.shard.untyped_storage().resize_(self._shard_nbytes)
+        if read:
+            self.store.load(self.store_key, self.shard)
+
+    def swap_out_shard(self) -> None:
+        """Write an NVMe-offloaded shard to its file and free its memory."""
+        if self.store is None or not self.shard_resident():
+            return
+        self.store.save(self.store_key, self.shard)
+        self.shard.untyped_storage().resize_(0)
 
     def resident_bytes(self) -> int:
         """Bytes of the full buffer currently allocated (0 when released)."""

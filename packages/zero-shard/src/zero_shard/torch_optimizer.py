@@ -23,6 +23,7 @@ resume across world sizes or stages use the sharded checkpoint (``sharded_state`
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from typing import Any
 
@@ -104,8 +105,17 @@ class TorchOptimizerFacade(torch.optim.Optimizer):
     def _layout_signature(self) -> list[list[Any]]:
         return [[[s.name, list(s.shape)] for s in lay.slots] for lay in self.layouts]  # type: ignore[attr-defined]
 
+    def _all_resident(self, write: bool = False) -> Any:
+        """Context: every master and its state in memory (NVMe offload keeps them in swap files otherwise)."""
+        off = getattr(self, "offload", None)
+        return off.all_resident(write) if off is not None else contextlib.nullcontext()
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: see the module docstring (same stage/world size/rank to load it back)."""
+        with self._all_resident():
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         return {
             "format": STATE_DICT_FORMAT,
             "zero_stage": self.stage,  # type: ignore[attr-defined]
@@ -138,10 +148,10 @@ class TorchOptimizerFacade(torch.optim.Optimizer):
             raise ValueError(
                 "ZeroShardedOptimizer.load_state_dict: the saved parameter names/shapes differ from this model's"
             )
-        with torch.no_grad():
+        with self._all_resident(write=True), torch.no_grad():
             for master, saved in zip(self.masters, state_dict["fp32_master"], strict=True):  # type: ignore[attr-defined]
                 master.copy_(saved)
-        self.inner.load_state_dict(_snapshot(state_dict["base_optimizer_state"]))  # ours stays reusable
+            self.inner.load_state_dict(_snapshot(state_dict["base_optimizer_state"]))  # ours stays reusable
         self.loss_scaler.load_state_dict(state_dict["loss_scaler"])  # type: ignore[attr-defined]
         self.global_steps = int(state_dict["global_steps"])  # type: ignore[attr-defined]
         self._refresh_model()  # type: ignore[attr-defined]
