@@ -290,7 +290,6 @@ def initialize(
         # Pipeline/tensor parallelism: clipping and fp16 overflow see the whole model (each element once).
         model_parallel_group=layout.model_parallel_group,
         replicated_params=norm_replicated_params(model, layout),
-
         aio_config=cfg.aio,
     )
 

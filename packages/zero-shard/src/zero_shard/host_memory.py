@@ -7,9 +7,9 @@ measured here, writing 100 MB into freshly allocated pages took 41-58 ms, into r
 stage-3 step of the 34M-parameter benchmark GPT took 25,000 page faults against DDP's 2,000.
 
 :func:`retain_freed_memory` raises glibc's trim and mmap thresholds (``mallopt``) so that freed blocks of
-up to the stage-3 working set stay in the process's heap and are reused. Peak memory is unchanged: the
-same blocks are reused rather than new ones mapped; what changes is that RSS stays at its peak instead of
-dipping between forward and backward. It is what tcmalloc/jemalloc, recommended for PyTorch CPU training,
+up to the stage-3 working set stay in the process's heap and are reused rather than mapped anew. RSS
+then stays at its peak instead of dipping between forward and backward, and a kept block serves only
+allocations it fits, so peak RSS can rise somewhat. It is what tcmalloc/jemalloc, recommended for PyTorch CPU training,
 do by default. glibc always maps a block above 32 MiB on its own (its ``M_MMAP_THRESHOLD`` cannot go
 higher), so units larger than that still fault their pages in at every gather. Set ``ZERO_SHARD_RETAIN_FREED_MEMORY=0`` to leave malloc alone; it does nothing where the C
 library is not glibc.

@@ -161,7 +161,6 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
         module: nn.Module | None = None,
         model_parallel_group: dist.ProcessGroup | None = None,
         replicated_params: Iterable[torch.Tensor] = (),
-
         aio_config: AioConfig | None = None,
     ) -> None:
         config = config if config is not None else ZeroConfig()
