@@ -94,6 +94,11 @@ class Unit:
         return self.layout.padded_numel
 
     @property
+    def fetched(self) -> bool:
+        """Gathered, or its gather in flight."""
+        return self.gathered or self.works is not None
+
+    @property
     def params(self) -> list[nn.Parameter]:
         """The parameters this unit holds."""
         return self.layout.params
@@ -102,7 +107,7 @@ class Unit:
 
     def launch(self) -> None:
         """Start gathering (no-op when gathered or already in flight)."""
-        if self.gathered or self.works is not None:
+        if self.fetched:
             return
         self.full.untyped_storage().resize_(self._nbytes)
         lo, hi = self.layout.partition(self.rank)

@@ -36,6 +36,7 @@ left at the end of a backward, and everything before an optimizer step, is freed
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -109,11 +110,15 @@ def plan_units(
     return plan
 
 
+@dataclass
 class _Check:
     """An agreement check in flight: the units this rank proposes and every rank's proposal (when done)."""
 
-    def __init__(self, units: list[Unit], mine: torch.Tensor, every: torch.Tensor, work: Any, module_name: str):
-        self.units, self.mine, self.every, self.work, self.module_name = units, mine, every, work, module_name
+    units: list[Unit]
+    mine: torch.Tensor  # the collective's input, kept alive until it completes
+    every: torch.Tensor
+    work: Any
+    module_name: str
 
 
 class ParamCoordinator:
@@ -184,9 +189,9 @@ class ParamCoordinator:
             self._end_queued = True
         for u in units:
             self.trace.observe(u.index)
-            if not u.gathered and u.works is None:
+            if not u.fetched:
                 self._launch_checked_ahead()  # committed first (see the note); it may hold ``u``
-            if not u.gathered and u.works is None:
+            if not u.fetched:
                 self._check_same_units([u], module_name)
                 u.launch()
                 self.fetches += 1
@@ -223,7 +228,7 @@ class ParamCoordinator:
 
     def live_elements(self) -> int:
         """Elements of non-persistent units gathered or in flight."""
-        return sum(u.numel for u in self.units if not u.persistent and (u.gathered or u.works is not None))
+        return sum(u.numel for u in self.units if not u.persistent and u.fetched)
 
     def add_external(self, module: nn.Module, unit: Unit) -> None:
         """``register_external_parameter`` after the engine was built: ``module``'s forward also needs ``unit``."""
@@ -258,7 +263,7 @@ class ParamCoordinator:
         """The leading candidates not yet gathered or in flight that fit the live budget (one check's worth)."""
         todo: list[Unit] = []
         for u in candidates:
-            if u.gathered or u.works is not None or u in todo:
+            if u.fetched or u in todo:
                 continue
             if live + u.numel > self.max_live_parameters or len(todo) == _CHECK_SLOTS:
                 break
@@ -277,7 +282,7 @@ class ParamCoordinator:
         ]
         live = self.live_elements()
         nxt = current[0]
-        if not nxt.gathered and nxt.works is None:
+        if not nxt.fetched:
             # Behind (an iteration's first window, or after a deviation): check this window now and launch it.
             now, live = self._take(current, live)
             if now:
@@ -302,7 +307,7 @@ class ParamCoordinator:
         live = self.live_elements()
         for u in ahead.units:
             # The same state on every rank, so the same units are launched (or left for later) everywhere.
-            if u.gathered or u.works is not None or live + u.numel > self.max_live_parameters:
+            if u.fetched or live + u.numel > self.max_live_parameters:
                 continue
             u.launch()
             live += u.numel
@@ -310,9 +315,7 @@ class ParamCoordinator:
 
     def _check_same_units(self, units: list[Unit], module_name: str) -> None:
         """Refuse to gather when the ranks are about to gather different units (a rank skipped a module)."""
-        check = self._start_check(units, module_name)
-        if check is not None:
-            self._finish_check(check)
+        self._finish_check(self._start_check(units, module_name))
 
     def _start_check(self, units: list[Unit], module_name: str) -> _Check | None:
         """Issue the agreement check for ``units`` (asynchronously); None on a single rank.
