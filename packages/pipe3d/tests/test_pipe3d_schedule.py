@@ -52,6 +52,19 @@ def test_simulation_has_no_deadlock_and_the_formula_bubble(p: int, m: int) -> No
     assert simulate(InferenceSchedule(m, p, 1)).makespan > 0
 
 
+def test_simulation_at_unequal_stage_times() -> None:
+    # GPipe, 2 stages, 4 micro-batches, the second stage twice as slow: worked by hand, stage 0 ends
+    # at 18 (busy 8), stage 1 at 17 (busy 16).
+    result = simulate(GPipe(4, 2), forward_time=[1.0, 2.0], backward_time=[1.0, 2.0])
+    assert result.makespan == 18.0 and result.busy == [8.0, 16.0] and result.ends == [18.0, 17.0]
+    assert result.stage_bubble == pytest.approx(((1 - 8 / 18) + (1 - 16 / 17)) / 2)
+    # Equal times given per virtual stage are the scalar case.
+    sched = Interleaved1F1B(4, 2, 2)
+    assert simulate(sched, [0.5] * 4, [0.5] * 4).makespan == simulate(sched).makespan
+    with pytest.raises(ValueError, match="one time per virtual stage"):
+        simulate(sched, [1.0, 1.0])
+
+
 def test_sends_and_receives_pair_up() -> None:
     sched = Interleaved1F1B(4, 2, 2)
     steps = sched.steps(0)

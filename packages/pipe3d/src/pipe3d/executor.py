@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from pipe3d.p2p import P2P, LocalP2P, as_tuple
+from pipe3d.p2p import P2P, LocalP2P, PendingRecv, as_tuple
 from pipe3d.schedule import (
     Backward,
     Forward,
@@ -70,25 +70,32 @@ def _to(x: Any, device: torch.device) -> Any:
 class BatchStats:
     """Timings and memory of the last batch on this stage (for the benchmark and the bubble)."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunks: int = 1) -> None:
         self.wall = 0.0
         self.busy = 0.0
         self.forward = 0.0
         self.backward = 0.0
+        # Per local model chunk (virtual stage): for pipe3d.schedule.simulate at measured times.
+        self.forward_by_chunk = [0.0] * chunks
+        self.backward_by_chunk = [0.0] * chunks
         self.peak_activation_bytes = 0
+        self.recvs = 0  # receives this batch
+        self.recvs_posted_ahead = 0  # of which posted before the instruction that needed them
 
     @property
     def bubble(self) -> float:
         """Fraction of the batch's wall time this stage spent outside forward/backward compute."""
         return 1.0 - self.busy / self.wall if self.wall > 0 else 0.0
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         """The figures as a plain dict."""
         return {
             "wall": self.wall,
             "busy": self.busy,
             "forward": self.forward,
             "backward": self.backward,
+            "forward_by_chunk": list(self.forward_by_chunk),
+            "backward_by_chunk": list(self.backward_by_chunk),
             "bubble": self.bubble,
             "peak_activation_bytes": self.peak_activation_bytes,
         }
@@ -121,6 +128,9 @@ class PipelineExecutor:
         p2p: the :class:`~pipe3d.p2p.P2P` for this pipeline (None with one stage).
         device: where data is moved.
         measure_memory: count saved activation bytes (costs a hook per saved tensor).
+        recv_ahead: how many receives to keep posted ahead of the instruction that needs them
+            (see [Note: posting receives early] in :mod:`pipe3d.p2p`); 0 posts each at its instruction.
+            Each costs one buffer of a stage boundary's activations or gradients.
     """
 
     def __init__(
@@ -132,8 +142,10 @@ class PipelineExecutor:
         p2p: P2P | LocalP2P | None,
         device: torch.device,
         measure_memory: bool = False,
+        recv_ahead: int = 2,
     ) -> None:
         self.module = module
+        self.recv_ahead = int(recv_ahead)
         self.stage, self.num_stages, self.chunks = stage, num_stages, chunks
         self.p2p = p2p
         self.device = device
@@ -167,7 +179,7 @@ class PipelineExecutor:
         kept: list[Any] = []
         saved_bytes: dict[tuple[int, int], int] = {}
         live = peak = 0
-        stats = self.stats = BatchStats()
+        stats = self.stats = BatchStats(self.chunks)
         t_start = time.perf_counter()
 
         def load(mb: int) -> Any:
@@ -188,12 +200,43 @@ class PipelineExecutor:
                 )
             return _to(batch[0], self.device), _to(batch[1], self.device)
 
-        for ins in schedule.steps(self.stage):
+        program = schedule.steps(self.stage)
+        recvs = [i for i, ins in enumerate(program) if isinstance(ins, (RecvActivation, RecvGrad))]
+        posted: dict[int, PendingRecv] = {}
+        next_recv = 0  # index into `recvs` of the next receive to post, in program order
+
+        def post_ahead(i: int) -> None:
+            # Receives are posted strictly in program order (the transports match them in order);
+            # one whose description is not known yet (first batch) stops the posting until later.
+            nonlocal next_recv
+            if not isinstance(self.p2p, P2P):
+                return
+            while next_recv < len(recvs) and len(posted) < self.recv_ahead:
+                j = recvs[next_recv]
+                if j < i:  # already received at its own instruction
+                    next_recv += 1
+                    continue
+                ins_j = program[j]
+                vs_j = self._vs(ins_j.chunk)
+                if isinstance(ins_j, RecvActivation):
+                    pending = self.p2p.post_recv_activations(vs_j)
+                else:
+                    pending = self.p2p.post_recv_grads(vs_j)
+                if pending is None:
+                    return
+                posted[j] = pending
+                next_recv += 1
+                stats.recvs_posted_ahead += j > i
+
+        stats.recvs = len(recvs)
+        for i, ins in enumerate(program):
             mb, c = ins.micro_batch, ins.chunk
             vs = self._vs(c)
+            post_ahead(i)
             if isinstance(ins, RecvActivation):
                 assert self.p2p is not None
-                inputs[(mb, c)] = self.p2p.recv_activations(vs)
+                pending = posted.pop(i, None)
+                inputs[(mb, c)] = tuple(pending.wait()) if pending is not None else self.p2p.recv_activations(vs)
             elif isinstance(ins, Forward):
                 if vs == 0:
                     x, y = load(mb)
@@ -226,6 +269,7 @@ class PipelineExecutor:
                     outputs[(mb, c)] = as_tuple(out)
                 dt = time.perf_counter() - t0
                 stats.forward += dt
+                stats.forward_by_chunk[c] += dt
                 if not train:
                     inputs.pop((mb, c), None)
                 if counter is not None:
@@ -240,7 +284,8 @@ class PipelineExecutor:
                     outputs.pop((mb, c))
             elif isinstance(ins, RecvGrad):
                 assert self.p2p is not None
-                out_grads[(mb, c)] = self.p2p.recv_grads(vs)
+                pending = posted.pop(i, None)
+                out_grads[(mb, c)] = pending.wait() if pending is not None else self.p2p.recv_grads(vs)
             elif isinstance(ins, Backward):
                 assert backward is not None
                 t0 = time.perf_counter()
@@ -253,7 +298,9 @@ class PipelineExecutor:
                     target = inject_grads(needs, grads) if needs else None
                 if target is not None:
                     backward(target, False)
-                stats.backward += time.perf_counter() - t0
+                dt = time.perf_counter() - t0
+                stats.backward += dt
+                stats.backward_by_chunk[c] += dt
                 live -= saved_bytes.pop((mb, c), 0)
             elif isinstance(ins, SendGrad):
                 assert self.p2p is not None

@@ -8,8 +8,17 @@ ones is an error on the sending rank that names both stages and both description
 assumes fixed shapes too, silently). Gradients need no negotiation: they have the shapes of the
 activations that required a gradient, which both sides already know.
 
-Sends are non-blocking (``isend``; the tensor is kept alive until :meth:`P2P.wait_sends`), receives
-block with a timeout whose error names this rank, the peer and the message, instead of hanging.
+Sends are non-blocking (``isend``; the tensor is kept alive until :meth:`P2P.wait_sends`). A receive
+can be posted ahead of the instruction that needs it (:meth:`P2P.post_recv_activations`,
+:meth:`P2P.post_recv_grads`) and waited for there; waiting has a timeout whose error names this rank,
+the peer and the message, instead of hanging.
+
+[Note: posting receives early] gloo (and NCCL) match a send with a posted receive. On gloo a send
+whose receive is not posted yet is parked until the receiver asks for it, and is then carried out by
+the *sender's* transport thread: on a machine whose cores are busy with the stages' compute, that
+thread waits for a core, and the receiver with it (measured: 2.5-3.5 ms for a 128 KiB activation
+posted after its send, against 0.6 ms for a gradient whose receive was already waiting). The executor
+therefore posts each receive one instruction window early (see :class:`pipe3d.executor.PipelineExecutor`).
 Activations and gradients use two communicators (see :class:`pipe3d.topology.PipelineParallelGrid`),
 and on gloo also distinct tags.
 """
@@ -24,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["P2P", "TensorMeta"]
+__all__ = ["P2P", "PendingRecv", "TensorMeta"]
 
 _DTYPES = [
     torch.float32,
@@ -83,6 +92,24 @@ def as_tuple(x: Any) -> tuple[torch.Tensor, ...]:
     return tuple(items)
 
 
+class PendingRecv:
+    """Receives posted ahead of use (:meth:`P2P.post_recv_activations` / :meth:`P2P.post_recv_grads`).
+
+    :meth:`wait` returns the received tensors (activations keep the sender's ``requires_grad``).
+    """
+
+    def __init__(self, p2p: P2P, works: list[Any], tensors: list[torch.Tensor], src_stage: int, what: str) -> None:
+        self._p2p, self._works, self._tensors = p2p, works, tensors
+        self._src, self._what = src_stage, what
+
+    def wait(self) -> list[torch.Tensor]:
+        """Block until every tensor has arrived (or raise naming the rank, the peer and the message)."""
+        for work in self._works:
+            self._p2p._wait(work, self._src, self._what)
+        self._works = []
+        return self._tensors
+
+
 class P2P:
     """Sends and receives between the stages of one pipeline.
 
@@ -123,8 +150,10 @@ class P2P:
         self.bytes_sent += t.numel() * t.element_size()
         self.sends += 1
 
-    def _recv(self, t: torch.Tensor, src_stage: int, kind: str, tag: int, what: str) -> torch.Tensor:
-        work = dist.irecv(t, src=self.stage_to_rank(src_stage), group=self.groups[kind], tag=tag)
+    def _irecv(self, t: torch.Tensor, src_stage: int, kind: str, tag: int) -> Any:
+        return dist.irecv(t, src=self.stage_to_rank(src_stage), group=self.groups[kind], tag=tag)
+
+    def _wait(self, work: Any, src_stage: int, what: str) -> None:
         try:
             work.wait(self.timeout)
         except Exception as e:
@@ -132,6 +161,9 @@ class P2P:
                 f"pipeline rank {dist.get_rank()} (stage {self.stage}): receiving {what} from stage {src_stage} "
                 f"(rank {self.stage_to_rank(src_stage)}) failed or timed out after {self.timeout}: {e}"
             ) from e
+
+    def _recv(self, t: torch.Tensor, src_stage: int, kind: str, tag: int, what: str) -> torch.Tensor:
+        self._wait(self._irecv(t, src_stage, kind, tag), src_stage, what)
         return t
 
     def wait_sends(self) -> None:
@@ -160,21 +192,31 @@ class P2P:
         for t in tensors:
             self._isend(t.detach(), dst, "act", _TAG_ACT)
 
+    def post_recv_activations(self, dst_vs: int) -> PendingRecv | None:
+        """Post the receives of ``dst_vs``'s inputs now; None while their description is not known yet
+        (the first batch, whose header must be read first: use :meth:`recv_activations` then)."""
+        src_vs = dst_vs - 1
+        metas = self.meta.get(src_vs)
+        if metas is None:
+            return None
+        src = src_vs % self.num_stages
+        tensors = [torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in metas]
+        works = [self._irecv(t, src, "act", _TAG_ACT) for t in tensors]
+        for t, m in zip(tensors, metas, strict=True):
+            t.requires_grad_(m.requires_grad)
+        return PendingRecv(self, works, tensors, src, "activations")
+
     def recv_activations(self, dst_vs: int) -> tuple[torch.Tensor, ...]:
         """Receive the inputs of virtual stage ``dst_vs`` (float ones that need a gradient require it)."""
         src_vs = dst_vs - 1
         src = src_vs % self.num_stages
-        metas = self.meta.get(src_vs)
-        if metas is None:
+        if src_vs not in self.meta:
             n = self._recv(torch.empty(1, dtype=torch.int64, device=self.device), src, "act", _TAG_META, "a header")
             header = torch.empty(int(n.item()), dtype=torch.int64, device=self.device)
-            metas = _decode(self._recv(header, src, "act", _TAG_META, "a header").cpu())
-            self.meta[src_vs] = metas
-        out = []
-        for m in metas:
-            t = self._recv(torch.empty(m.shape, dtype=m.dtype, device=self.device), src, "act", _TAG_ACT, "activations")
-            out.append(t.requires_grad_(m.requires_grad))
-        return tuple(out)
+            self.meta[src_vs] = _decode(self._recv(header, src, "act", _TAG_META, "a header").cpu())
+        pending = self.post_recv_activations(dst_vs)
+        assert pending is not None
+        return tuple(pending.wait())
 
     # ---- gradients ---------------------------------------------------------------------------------------
     def send_grads(self, grads: Sequence[torch.Tensor], src_vs: int) -> None:
@@ -182,17 +224,22 @@ class P2P:
         for g in grads:
             self._isend(g.detach(), (src_vs - 1) % self.num_stages, "grad", _TAG_GRAD)
 
-    def recv_grads(self, dst_vs: int) -> list[torch.Tensor]:
-        """Receive the gradients of ``dst_vs``'s outputs (one per output that required a gradient)."""
+    def post_recv_grads(self, dst_vs: int) -> PendingRecv | None:
+        """Post the receives of the gradients of ``dst_vs``'s outputs now (None before its first send)."""
         metas = self.meta.get(dst_vs)
         if metas is None:
-            raise RuntimeError(f"stage {self.stage}: gradients for virtual stage {dst_vs} before any activation")
+            return None
         src = (dst_vs + 1) % self.num_stages
-        return [
-            self._recv(torch.empty(m.shape, dtype=m.dtype, device=self.device), src, "grad", _TAG_GRAD, "gradients")
-            for m in metas
-            if m.requires_grad
-        ]
+        tensors = [torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in metas if m.requires_grad]
+        works = [self._irecv(t, src, "grad", _TAG_GRAD) for t in tensors]
+        return PendingRecv(self, works, tensors, src, "gradients")
+
+    def recv_grads(self, dst_vs: int) -> list[torch.Tensor]:
+        """Receive the gradients of ``dst_vs``'s outputs (one per output that required a gradient)."""
+        pending = self.post_recv_grads(dst_vs)
+        if pending is None:
+            raise RuntimeError(f"stage {self.stage}: gradients for virtual stage {dst_vs} before any activation")
+        return pending.wait()
 
 
 def _describe(metas: Sequence[TensorMeta]) -> str:

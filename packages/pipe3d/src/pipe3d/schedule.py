@@ -23,7 +23,8 @@ Schedules (``P`` stages, ``m`` micro-batches):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 __all__ = [
     "Backward",
@@ -282,22 +283,45 @@ class SimulationResult:
     makespan: float
     busy: list[float]
     starts: dict[tuple[int, str, int, int], float]
+    ends: list[float] = field(default_factory=list)
 
     @property
     def bubble(self) -> float:
         """Mean idle fraction over the stages."""
         return 1.0 - sum(self.busy) / (len(self.busy) * self.makespan)
 
+    @property
+    def stage_bubble(self) -> float:
+        """Mean over stages of each stage's idle fraction of its *own* program time (start to its last
+        instruction), the executor's :attr:`pipe3d.executor.BatchStats.bubble` in simulated time."""
+        return sum(1.0 - b / e for b, e in zip(self.busy, self.ends, strict=True)) / len(self.busy)
 
-def simulate(schedule: PipeSchedule, forward_time: float = 1.0, backward_time: float = 1.0) -> SimulationResult:
+
+def simulate(
+    schedule: PipeSchedule,
+    forward_time: float | Sequence[float] = 1.0,
+    backward_time: float | Sequence[float] = 1.0,
+) -> SimulationResult:
     """Run every stage's program against the others in simulated time; raise on a deadlock.
 
     A stage runs its instructions in order; a receive waits until the peer has sent that message
     (sends never wait, as in the executor). Per ordered pair of stages and message kind, receives
     must match sends in FIFO order (what NCCL requires): a violation is an error too. Forward of a
-    chunk takes ``forward_time / chunks``, backward ``backward_time / chunks``.
+    chunk takes ``forward_time / chunks``, backward ``backward_time / chunks``; or, given a sequence
+    of ``P * chunks`` times, virtual stage ``i``'s forward (backward) of one micro-batch takes
+    ``forward_time[i]`` (``backward_time[i]``): unequal stages, e.g. measured ones.
     """
     P, v = schedule.stages, schedule.chunks
+
+    def per_vs(t: float | Sequence[float], name: str) -> list[float]:
+        if isinstance(t, (int, float)):
+            return [float(t) / v] * (P * v)
+        times = [float(x) for x in t]
+        if len(times) != P * v:
+            raise ValueError(f"simulate: {name} needs one time per virtual stage ({P * v}), got {len(times)}")
+        return times
+
+    fwd, bwd = per_vs(forward_time, "forward_time"), per_vs(backward_time, "backward_time")
     progs = [schedule.steps(s) for s in range(P)]
     pc = [0] * P
     clock = [0.0] * P
@@ -336,7 +360,7 @@ def simulate(schedule: PipeSchedule, forward_time: float = 1.0, backward_time: f
                     sent[("grad", vs, mb)] = clock[s]
                     fifo_sent.setdefault(("grad", s, peer(vs - 1)), []).append((vs, mb))
                 else:
-                    dt = (forward_time if isinstance(ins, Forward) else backward_time) / v
+                    dt = (fwd if isinstance(ins, Forward) else bwd)[vs]
                     starts[(s, ins.name, mb, ins.chunk)] = clock[s]
                     clock[s] += dt
                     busy[s] += dt
@@ -348,4 +372,4 @@ def simulate(schedule: PipeSchedule, forward_time: float = 1.0, backward_time: f
     for key, recvs in fifo_recv.items():
         if fifo_sent.get(key) != recvs:
             raise RuntimeError(f"{schedule}: messages {key} are received in another order than sent")
-    return SimulationResult(makespan=max(clock), busy=busy, starts=starts)
+    return SimulationResult(makespan=max(clock), busy=busy, starts=starts, ends=list(clock))
