@@ -103,8 +103,9 @@ class OffloadOptimizerConfig(_NvmeCheck):
 class AioConfig(_Section):
     """Top-level ``aio`` section: the asynchronous file IO engine used for NVMe offload."""
 
-    block_size: Annotated[int, Field(gt=0)] = 1_048_576
-    """Bytes per IO request."""
+    block_size: Annotated[int, Field(gt=0)] = 8_388_608
+    """Bytes per IO request. Ours defaults to 8 MiB where DeepSpeed's is 1 MiB: measured 20-25% faster for
+    the large sequential requests of offload (docs/aio.md); a config that sets 1048576 gets 1 MiB."""
     queue_depth: Annotated[int, Field(gt=0)] = 8
     """IO requests in flight per thread."""
     intra_op_parallelism: Annotated[int, Field(gt=0)] = Field(1, alias="thread_count")

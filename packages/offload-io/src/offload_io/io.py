@@ -81,7 +81,7 @@ class ThreadPoolHandle:
 
     def __init__(
         self,
-        block_size: int = 1 << 20,
+        block_size: int = 8 << 20,
         queue_depth: int = 8,
         single_submit: bool = False,
         overlap_events: bool = True,
