@@ -130,6 +130,33 @@ def _pp_tp_fp16(rank: int, world: int) -> None:
     _check(rank, "fp16 loss", losses, ref_losses, 2e-2)
 
 
+def _pp_tp_offload(rank: int, world: int) -> None:
+    """PP=2 x TP=2, ZeRO-1, AdamW with clipping: offload_optimizer cpu and nvme give the losses and norms of no
+    offload (the offloaded step's norm covers the model-parallel group, replicated copies once)."""
+    import tempfile
+
+    grid = PipelineParallelGrid(PipeModelDataParallelTopology(num_pp=2, num_mp=2, num_dp=1))
+    tp = grid.get_tensor_model_parallel_group()
+    runs = {}
+    nvme_dir = tempfile.mkdtemp(prefix=f"pp-tp-offload-{rank}-")
+    for device in ("none", "cpu", "nvme"):
+        module = PipelineModule(_tp_specs(tp), grid=grid, loss_fn=loss_fn, seed_layers=True, partition_method="uniform")
+        config = _config(1)
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}}
+        config["zero_optimization"]["offload_optimizer"] = {"device": device, "nvme_path": nvme_dir}
+        engine, *_ = zero_all.initialize(model=module, config=config)
+        losses, norms = [], []
+        for s in range(STEPS):
+            losses.append(float(engine.train_batch(iter(batches(GAS, MICRO, seed=10 * s)))))
+            norms.append(engine.get_global_grad_norm())
+        runs[device] = (losses, norms)
+    losses, norms = runs["none"]
+    assert min(norms) > CLIP, f"the test needs clipping to be active: {norms}"
+    for device in ("cpu", "nvme"):
+        _check(rank, f"offload {device} loss", runs[device][0], losses, TOL)
+        _check(rank, f"offload {device} grad norm", runs[device][1], norms, TOL)
+
+
 def _four_ranks(rank: int, world: int) -> None:
     torch.set_num_threads(1)  # the ranks share the machine's cores
     # One set of processes for the 4-rank cases: starting ranks costs more than a case here.
@@ -137,6 +164,7 @@ def _four_ranks(rank: int, world: int) -> None:
     _pp_dp_clip(rank, world)
     _pp_tp_fp16(rank, world)
     _tp_dp_mpu(rank, world)
+    _pp_tp_offload(rank, world)
     with pytest.raises(zero_all.CheckpointError, match="tensor-parallel"):
         grid = PipelineParallelGrid(PipeModelDataParallelTopology(num_pp=1, num_mp=2, num_dp=2))
         engine, *_ = zero_all.initialize(
@@ -147,7 +175,8 @@ def _four_ranks(rank: int, world: int) -> None:
 
 def test_clipping_and_fp16_across_stages_and_tensor_ranks_match_single_process() -> None:
     """PP=2 x TP=2, PP=2 x DP=2 and (mpu=, ZeRO-1 and -3) TP=2 x DP=2 with gradient_clipping: losses and norms equal
-    clip_grad_norm_ (1e-5); fp16 skips agree; checkpoints of a plain tensor-parallel model are refused."""
+    clip_grad_norm_ (1e-5); fp16 skips agree; PP=2 x TP=2 with optimizer offload cpu/nvme equals no offload;
+    checkpoints of a plain tensor-parallel model are refused."""
     run_distributed(_four_ranks, 4, timeout=300)
 
 

@@ -115,8 +115,17 @@ def test_state_dict_is_json_and_resumes() -> None:
 
 
 def test_bad_scheduler_params() -> None:
-    with pytest.raises(ValueError, match="warmup_num_steps must be a positive integer"):
-        WarmupLR(_opt(), warmup_num_steps=0)
+    with pytest.raises(ValueError, match="warmup_num_steps must be a non-negative integer"):
+        WarmupLR(_opt(), warmup_num_steps=-1)
+    # 0 (what the HF Trainer writes without warm-up) is DeepSpeed's max(2, 0): iterations 0, 1, 2 give 0, 1/2, 1 of max.
+    opt = _opt()
+    s = WarmupLR(opt, warmup_min_lr=0.0, warmup_max_lr=0.01, warmup_num_steps=0, warmup_type="linear")
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    assert lrs == [0.0, 0.0, 0.005, 0.01], lrs  # the constructor applies iteration -1 (the min lr)
     with pytest.raises(ValueError, match="warmup_type must be 'log' or 'linear'"):
         WarmupLR(_opt(), warmup_type="cubic")
 

@@ -141,7 +141,19 @@ class OptimizerOffload:
         opt = self.opt
         raw = [opt.reducer.grads_for_step(i) for i in range(len(opt.masters))]
         inv = opt.loss_scaler.inv_scale
-        total = global_grad_norm(self._norm_chunks(raw), opt.process_group, sharded=True) * inv
+        # Over the data group and, with pipeline/tensor parallelism, the model-parallel group, replicated
+        # copies counted once: the same norm and skip decision as the step without offload.
+        counted, replicated = opt._split_for_norm(raw)
+        total = (
+            global_grad_norm(
+                self._norm_chunks(counted),
+                opt.process_group,
+                sharded=True,
+                model_parallel_group=opt.model_parallel_group,
+                replicated=self._norm_chunks(replicated),
+            )
+            * inv
+        )
         found_inf = not math.isfinite(total)
         opt._global_grad_norm = total
         opt.loss_scaler.update_scale(found_inf)

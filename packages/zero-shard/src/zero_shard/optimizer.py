@@ -264,17 +264,6 @@ class ZeroShardedOptimizer(TorchOptimizerFacade):
             partition_dtype=grad_accum_dtype,
             cross_layout_buckets=self.stage == 3,
         )
-        if (
-            self.offload is not None
-            and model_parallel_group is not None
-            and dist.get_world_size(model_parallel_group) > 1
-        ):
-            # The offloaded step takes its norm and overflow decision over the data group only.
-            raise NotImplementedError(
-                "zero_optimization.offload_optimizer with pipeline/tensor parallelism is not supported yet: "
-                "the offloaded step's gradient norm and overflow check cover the data-parallel group only; "
-                "use offload_optimizer.device 'none' with a model-parallel layout"
-            )
         self.model_parallel_group = model_parallel_group
         self._norm_split = self._replicated_ranges({id(p) for p in replicated_params})
         self._boundary = True
