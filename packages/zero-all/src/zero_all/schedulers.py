@@ -69,9 +69,7 @@ def _check_warmup(warmup_num_steps: Any, warmup_type: str) -> None:
     # 0 is allowed, as in DeepSpeed (the HF Trainer writes it when there is no warm-up): the schedules use
     # max(2, warmup_num_steps), so the lr reaches warmup_max_lr after 2 steps.
     if isinstance(warmup_num_steps, bool) or not isinstance(warmup_num_steps, int) or warmup_num_steps < 0:
-        raise ValueError(
-            f"scheduler.params.warmup_num_steps must be a non-negative integer, got {warmup_num_steps!r}"
-        )
+        raise ValueError(f"scheduler.params.warmup_num_steps must be a non-negative integer, got {warmup_num_steps!r}")
     if warmup_type not in (WARMUP_LOG_RATE, WARMUP_LINEAR_RATE):
         raise ValueError(f"scheduler.params.warmup_type must be 'log' or 'linear', got {warmup_type!r}")
 
