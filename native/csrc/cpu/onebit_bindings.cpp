@@ -76,6 +76,47 @@ void bind_onebit(nb::module_& m) {
       nb::arg("valid"), nb::arg("num_threads") = 0,
       "server_err += average of W decoded rows; returns its sum of squares. Internal: see ds_native.onebit.");
   m.def(
+      "onebit_server_sum_squares",
+      [](uintptr_t bits, int64_t bits_stride, const std::vector<float>& scales, uintptr_t server_err, int64_t row_len,
+         int64_t valid, int threads) {
+        if (row_len % 8 != 0 || bits_stride < row_len / 8 || scales.empty())
+          throw std::invalid_argument(
+              "onebit_server_sum_squares: row_len a multiple of 8, bits_stride >= row_len / 8, W >= 1");
+        const uint8_t* bp = ptr<const uint8_t>(bits, "bits");
+        const float* sp = ptr<const float>(server_err, "server_err");
+        nb::gil_scoped_release release;
+        return ds::onebit_server_sum_squares(bp, bits_stride, scales, sp, row_len, valid, threads);
+      },
+      nb::arg("bits"), nb::arg("bits_stride"), nb::arg("scales"), nb::arg("server_err"), nb::arg("row_len"),
+      nb::arg("valid"), nb::arg("num_threads") = 0,
+      "Sum of squares of server_err + the average (server_err untouched). Internal: see ds_native.onebit.");
+  m.def(
+      "onebit_server_pack",
+      [](uintptr_t bits, int64_t bits_stride, const std::vector<float>& scales, uintptr_t server_err, int64_t row_len,
+         int64_t valid, uintptr_t out, float scale, int threads) {
+        if (row_len % 8 != 0 || bits_stride < row_len / 8 || scales.empty())
+          throw std::invalid_argument("onebit_server_pack: row_len a multiple of 8, bits_stride >= row_len / 8, W >= 1");
+        const uint8_t* bp = ptr<const uint8_t>(bits, "bits");
+        float* sp = ptr<float>(server_err, "server_err");
+        uint8_t* op = ptr<uint8_t>(out, "out");
+        nb::gil_scoped_release release;
+        ds::onebit_server_pack(bp, bits_stride, scales, sp, row_len, valid, op, scale, threads);
+      },
+      nb::arg("bits"), nb::arg("bits_stride"), nb::arg("scales"), nb::arg("server_err"), nb::arg("row_len"),
+      nb::arg("valid"), nb::arg("out"), nb::arg("scale"), nb::arg("num_threads") = 0,
+      "server_err += the average, packed into out with scale. Internal: see ds_native.onebit.");
+  m.def(
+      "onebit_sum_squares",
+      [](uintptr_t x, int64_t numel, int threads) {
+        if (numel < 0) throw std::invalid_argument("onebit_sum_squares: numel must be >= 0");
+        if (numel == 0) return 0.0;
+        const float* xp = ptr<const float>(x, "x");
+        nb::gil_scoped_release release;
+        return ds::onebit_sum_squares(xp, numel, threads);
+      },
+      nb::arg("x"), nb::arg("numel"), nb::arg("num_threads") = 0,
+      "Fixed-order sum of squares of an fp32 buffer. Internal: ds_native.onebit is the API.");
+  m.def(
       "onebit_decode",
       [](uintptr_t bits, int64_t bits_stride, const std::vector<float>& scales, int64_t row_len, uintptr_t out,
          int64_t numel, int threads) {

@@ -2,9 +2,11 @@
 
 Each function is one pass over its buffers, OpenMP threads over 64 Ki-element pieces, and does per
 element the same IEEE operations as the torch implementation in ``onebit_comm.compress``, so its
-results are bitwise equal to it (tested there). Sums of squares are :func:`sum_squares`'s: pieces of
-64 Ki elements from the start of each row, partials added in a fixed order, so they do not depend on
-the thread count.
+results are bitwise equal to it (tested there). Sums of squares are :func:`sum_squares`'s: fp32
+squares added in a fixed order inside 1 Ki-element blocks (64 lanes, then a pairwise fold), block
+sums added in double over 64 Ki-element pieces from the start of each row, piece partials added in
+order; so they depend neither on the thread count nor on the ISA (scalar, AVX2 and AVX-512 give the
+same bits).
 
 Layout: a flat fp32 buffer viewed as ``rows`` rows of ``row_len`` elements (a multiple of 8); signs
 packed 8 per byte, most significant bit first, bit 1 for ``x >= 0``; one fp32 scale per row. A
@@ -22,14 +24,23 @@ import torch
 
 from ds_native import _ds_native_cpu
 
-__all__ = ["available", "compensate_", "decode", "pack_", "server_accumulate_", "sum_squares"]
+__all__ = [
+    "available",
+    "compensate_",
+    "decode",
+    "pack_",
+    "server_accumulate_",
+    "server_pack_",
+    "server_sum_squares",
+    "sum_squares",
+]
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # ds::DType
 
 
 def available() -> bool:
     """Whether this build of ds-native has the 1-bit kernels."""
-    return hasattr(_ds_native_cpu, "onebit_pack")
+    return hasattr(_ds_native_cpu, "onebit_server_pack")
 
 
 def _threads(num_threads: int | None) -> int:
@@ -60,14 +71,17 @@ def _check_bits(bits: torch.Tensor, rows: int, row_len: int) -> int:
 
 
 def sum_squares(x: torch.Tensor, num_threads: int | None = None) -> float:
-    """Sum of squares of a contiguous CPU fp32/bf16/fp16 tensor (fp32 squares, double accumulation).
+    """Sum of squares of a contiguous CPU fp32/bf16/fp16 tensor (fp32 squares, fixed-order sums).
 
-    Bitwise what the fused kernels compute for one row (see the module docstring).
+    Bitwise what the fused kernels compute for one row (the order is in the module docstring);
+    bf16/fp16 values are widened to fp32 first (exactly).
     """
     _check(x, "x", None)
-    if x.numel() == 0:
-        return 0.0
-    return _ds_native_cpu.multi_tensor_sum_squares([x.detach()], _threads(num_threads))
+    if x.dtype != torch.float32:
+        if x.dtype not in _DTYPE_CODE:
+            raise TypeError(f"ds_native.onebit.sum_squares: x must be fp32, bf16 or fp16, got {x.dtype}")
+        x = x.float()
+    return _ds_native_cpu.onebit_sum_squares(x.data_ptr(), x.numel(), _threads(num_threads)) if x.numel() else 0.0
 
 
 def compensate_(x: torch.Tensor, err: torch.Tensor, rows: int, num_threads: int | None = None) -> list[float]:
@@ -122,6 +136,58 @@ def server_accumulate_(
         server_err.data_ptr(),
         server_err.numel(),
         int(valid),
+        _threads(num_threads),
+    )
+
+
+def server_sum_squares(
+    bits: torch.Tensor, scales: Sequence[float], server_err: torch.Tensor, valid: int, num_threads: int | None = None
+) -> float:
+    """Read-only first pass of the server side: the sum of squares of ``server_err + avg``.
+
+    ``avg`` as in :func:`server_accumulate_`; ``server_err`` is not written. With the scale computed
+    from it, :func:`server_pack_` makes the second pass. Together they equal
+    ``server_accumulate_`` then ``pack_``, bit for bit, but write ``server_err`` once instead of twice.
+    """
+    _check(server_err, "server_err", torch.float32)
+    stride = _check_bits(bits, len(scales), server_err.numel())
+    return _ds_native_cpu.onebit_server_sum_squares(
+        bits.data_ptr(),
+        stride,
+        list(scales),
+        server_err.data_ptr(),
+        server_err.numel(),
+        int(valid),
+        _threads(num_threads),
+    )
+
+
+def server_pack_(
+    bits: torch.Tensor,
+    scales: Sequence[float],
+    server_err: torch.Tensor,
+    valid: int,
+    out: torch.Tensor,
+    scale: float,
+    num_threads: int | None = None,
+) -> None:
+    """Second pass of the server side: ``server_err += avg``, then ``pack_(server_err, 1, out, [scale], [valid])``.
+
+    ``out``: uint8 ``[1, >= C/8]``; ``scale`` the fp32 scale from :func:`server_sum_squares`'s sum.
+    """
+    _check(server_err, "server_err", torch.float32)
+    c = server_err.numel()
+    stride = _check_bits(bits, len(scales), c)
+    _check_bits(out, 1, c)
+    _ds_native_cpu.onebit_server_pack(
+        bits.data_ptr(),
+        stride,
+        list(scales),
+        server_err.data_ptr(),
+        c,
+        int(valid),
+        out.data_ptr(),
+        float(scale),
         _threads(num_threads),
     )
 

@@ -52,9 +52,10 @@ def server_into_(
     ``bits`` uint8 ``[W, >= C/8]`` (row ``r`` from rank ``r``), ``scales`` their fp32 ``[W]``. Writes the
     recompressed chunk's signs into ``out_bits`` (uint8 ``[1, >= C/8]``) and returns its scale (fp32 ``[1]``).
     """
-    sumsq = _k.server_accumulate_(bits, server_weights(scales).tolist(), server_error, valid)
-    scale = scales_from_sum_squares([sumsq], [valid])
-    _k.pack_(server_error, 1, out_bits, scale.tolist(), [valid])
+    weights = server_weights(scales).tolist()
+    # Two passes, the first read-only: server_error is written once (see docs/onebit-comm.md).
+    scale = scales_from_sum_squares([_k.server_sum_squares(bits, weights, server_error, valid)], [valid])
+    _k.server_pack_(bits, weights, server_error, valid, out_bits, scale.item())
     return scale
 
 
