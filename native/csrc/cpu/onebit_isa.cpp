@@ -64,6 +64,14 @@ inline uint8_t pack8_scalar(float* e, float s) {
   return byte;
 }
 
+// Reverses the bit order within each byte of a word: maps the wire format (element 8k + j at
+// bit 7 - j of byte k) to element i at bit i of the little-endian word, and back.
+inline uint64_t reverse_bits_in_bytes(uint64_t v) {
+  v = ((v >> 1) & 0x5555555555555555ull) | ((v & 0x5555555555555555ull) << 1);
+  v = ((v >> 2) & 0x3333333333333333ull) | ((v & 0x3333333333333333ull) << 2);
+  return ((v >> 4) & 0x0F0F0F0F0F0F0F0Full) | ((v & 0x0F0F0F0F0F0F0F0Full) << 4);
+}
+
 inline float sign_at(const uint8_t* bits, int64_t i, float s) {
   return ((bits[i >> 3] >> (7 - (i & 7))) & 1) ? s : -s;
 }
@@ -157,6 +165,25 @@ void server_values(const uint8_t* const* bits, int64_t b0, const float* scales, 
   const int64_t lim = valid < 0 ? 0 : (valid < n ? valid : n);
   int64_t i = 0;
 #if defined(__AVX512F__)
+  // 64 elements (8 sign bytes per rank) at a time: the bit order is reversed within each byte
+  // with three mask-and-shift steps instead of a table lookup per byte (this loop, done twice
+  // per call, is compute-bound otherwise), leaving element i at bit i of the word.
+  for (; i + 64 <= lim; i += 64) {
+    const int64_t b = b0 + (i >> 3);
+    __m512 acc[4];
+    for (int64_t r = 0; r < w; ++r) {
+      uint64_t word;
+      std::memcpy(&word, bits[r] + b, 8);
+      word = reverse_bits_in_bytes(word);
+      const __m512 vs = _mm512_set1_ps(scales[r]), vns = _mm512_set1_ps(-scales[r]);
+      for (int q = 0; q < 4; ++q) {
+        const __m512 d = _mm512_mask_blend_ps(static_cast<__mmask16>(word >> (16 * q)), vns, vs);
+        acc[q] = r == 0 ? d : _mm512_add_ps(acc[q], d);
+      }
+    }
+    for (int q = 0; q < 4; ++q)
+      _mm512_storeu_ps(dst + i + 16 * q, _mm512_add_ps(_mm512_loadu_ps(se + i + 16 * q), acc[q]));
+  }
   for (; i + 16 <= lim; i += 16) {
     const int64_t b = b0 + (i >> 3);
     __m512 acc = _mm512_setzero_ps();
@@ -268,7 +295,38 @@ void onebit_server_pack_piece(const uint8_t* const* bits, const float* scales, i
                               int64_t n, int64_t valid, float scale) {
   // The same values as onebit_server_sum_squares_piece (the same operations on the same inputs),
   // written to server_err and packed while the block is in L1: one write of server_err per call.
-  for (int64_t b = 0; b < n; b += kSumBlock) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  // Whole groups of 64 real elements in one go: compensated value, sign bit and error update
+  // in registers (the same operations as server_values then onebit_pack_piece).
+  const int64_t lim = valid < 0 ? 0 : (valid < n ? valid : n);
+  const __m512 ps = _mm512_set1_ps(scale), ns = _mm512_set1_ps(-scale), zero = _mm512_setzero_ps();
+  for (; i + 64 <= lim; i += 64) {
+    const int64_t b = i >> 3;
+    __m512 acc[4];
+    for (int64_t r = 0; r < w; ++r) {
+      uint64_t word;
+      std::memcpy(&word, bits[r] + b, 8);
+      word = reverse_bits_in_bytes(word);
+      const __m512 vs = _mm512_set1_ps(scales[r]), vns = _mm512_set1_ps(-scales[r]);
+      for (int q = 0; q < 4; ++q) {
+        const __m512 d = _mm512_mask_blend_ps(static_cast<__mmask16>(word >> (16 * q)), vns, vs);
+        acc[q] = r == 0 ? d : _mm512_add_ps(acc[q], d);
+      }
+    }
+    uint64_t signs = 0;
+    for (int q = 0; q < 4; ++q) {
+      const __m512 c = _mm512_add_ps(_mm512_loadu_ps(se + i + 16 * q), acc[q]);
+      const __mmask16 m = _mm512_cmp_ps_mask(c, zero, _CMP_GE_OQ);
+      signs |= static_cast<uint64_t>(m) << (16 * q);
+      _mm512_storeu_ps(se + i + 16 * q, _mm512_sub_ps(c, _mm512_mask_blend_ps(m, ns, ps)));
+    }
+    signs = reverse_bits_in_bytes(signs);
+    std::memcpy(out + b, &signs, 8);
+  }
+#endif
+  // The rest (and every element on other ISAs) block by block while each is in L1.
+  for (int64_t b = i; b < n; b += kSumBlock) {
     const int64_t len = n - b < kSumBlock ? n - b : kSumBlock;
     server_values(bits, b >> 3, scales, w, se + b, se + b, len, valid - b);
     onebit_pack_piece(se + b, out + (b >> 3), len, scale, valid - b);
