@@ -18,6 +18,10 @@
 
 namespace ds {
 
+// The 1 Ki-element blocks of the fixed-order sum of squares; passes that work block
+// by block (the deferred ones) use the same boundaries so their sums are the same.
+constexpr int64_t kOnebitSumBlock = 1 << 10;
+
 // err[i] += x[i] for i < numel (x of dtype x_dtype, converted exactly to fp32);
 // returns, per row of err viewed as [rows, row_len], the sum of squares.
 std::vector<double> onebit_compensate(const void* x, DType x_dtype, float* err, int64_t numel, int64_t rows,
@@ -44,6 +48,23 @@ double onebit_server_sum_squares(const uint8_t* bits, int64_t bits_stride, const
 void onebit_server_pack(const uint8_t* bits, int64_t bits_stride, const std::vector<float>& scales, float* server_err,
                         int64_t row_len, int64_t valid, uint8_t* out, float scale, int num_threads);
 
+// Deferred error updates (onebit_comm's PendingErrors): the buffers hold the
+// compensated values c of the last call and the scales that turn them into the
+// errors (c - scale * sign(c), zero past valid), applied by the next call in the
+// same pass that reads the buffer. prev == nullptr: the buffer holds the errors.
+// compress_deferred: per row j, err := settled(err) + x, signs of it into out row j;
+// returns each row's sum of squares. server_deferred: server_err := settled + avg,
+// its signs into out (1 row); returns the sum of squares. settle: err := settled(err).
+// Each leaves the buffers, sums and signs bitwise what the exact functions give.
+std::vector<double> onebit_compress_deferred(const void* x, DType x_dtype, float* err, int64_t numel, int64_t rows,
+                                             int64_t row_len, uint8_t* out, int64_t out_stride, const float* prev,
+                                             const std::vector<int64_t>& valid, int num_threads);
+double onebit_server_deferred(const uint8_t* bits, int64_t bits_stride, const std::vector<float>& scales,
+                              float* server_err, int64_t row_len, int64_t valid, uint8_t* out, const float* prev,
+                              int num_threads);
+void onebit_settle(float* err, int64_t rows, int64_t row_len, const std::vector<float>& scales,
+                   const std::vector<int64_t>& valid, int num_threads);
+
 // out[j * row_len + i] = scales[j] * sign(bits row j, element i), for flat indices < numel.
 void onebit_decode(const uint8_t* bits, int64_t bits_stride, const std::vector<float>& scales, int64_t row_len,
                    float* out, int64_t numel, int num_threads);
@@ -59,8 +80,9 @@ void onebit_decode(const uint8_t* bits, int64_t bits_stride, const std::vector<f
   double onebit_sum_squares_piece(const float* x, int64_t n);                                              \
   double onebit_compensate_piece(const void* x, ds::DType x_dtype, float* err, int64_t real, int64_t n);  \
   void onebit_pack_piece(float* err, uint8_t* out, int64_t n, float scale, int64_t valid);                \
-  void onebit_server_piece(const uint8_t* const* bits, const float* scales, int64_t w, float* se,          \
-                           int64_t n, int64_t valid);                                                      \
+  void onebit_server_piece(const uint8_t* const* bits, int64_t b0, const float* scales, int64_t w,        \
+                           float* se, int64_t n, int64_t valid);                                           \
+  void onebit_signs_piece(const float* c, uint8_t* out, int64_t n);                                        \
   double onebit_server_sum_squares_piece(const uint8_t* const* bits, const float* scales, int64_t w,       \
                                          const float* se, int64_t n, int64_t valid);                       \
   void onebit_server_pack_piece(const uint8_t* const* bits, const float* scales, int64_t w, float* se,     \

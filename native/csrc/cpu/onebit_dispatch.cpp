@@ -25,10 +25,11 @@ struct Kernels {
   double (*sumsq)(const float*, int64_t);
   double (*compensate)(const void*, DType, float*, int64_t, int64_t);
   void (*pack)(float*, uint8_t*, int64_t, float, int64_t);
-  void (*server)(const uint8_t* const*, const float*, int64_t, float*, int64_t, int64_t);
+  void (*server)(const uint8_t* const*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
   double (*server_sumsq)(const uint8_t* const*, const float*, int64_t, const float*, int64_t, int64_t);
   void (*server_pack)(const uint8_t* const*, const float*, int64_t, float*, uint8_t*, int64_t, int64_t, float);
   void (*decode)(const uint8_t*, float, float*, int64_t, bool);
+  void (*signs)(const float*, uint8_t*, int64_t);
 };
 
 Kernels pick() {
@@ -36,7 +37,7 @@ Kernels pick() {
   Kernels {                                                                                            \
     &ns::onebit_sum_squares_piece, &ns::onebit_compensate_piece, &ns::onebit_pack_piece,               \
         &ns::onebit_server_piece, &ns::onebit_server_sum_squares_piece, &ns::onebit_server_pack_piece, \
-        &ns::onebit_decode_piece                                                                       \
+        &ns::onebit_decode_piece, &ns::onebit_signs_piece                                              \
   }
   switch (active_isa()) {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -128,7 +129,7 @@ double onebit_server(const uint8_t* bits, int64_t bits_stride, const std::vector
   std::vector<double> partial(static_cast<size_t>(pieces_in(row_len)), 0.0);
   for_each_piece(1, row_len, num_threads, [&](int64_t p, int64_t, int64_t off, int64_t n) {
     const std::vector<const uint8_t*> rows = rows_at(bits, bits_stride, w, off);
-    k.server(rows.data(), scales.data(), w, server_err + off, n, valid - off);
+    k.server(rows.data(), 0, scales.data(), w, server_err + off, n, valid - off);
     partial[p] = k.sumsq(server_err + off, n);
   });
   double total = 0.0;
@@ -157,6 +158,89 @@ void onebit_server_pack(const uint8_t* bits, int64_t bits_stride, const std::vec
   for_each_piece(1, row_len, num_threads, [&](int64_t, int64_t, int64_t off, int64_t n) {
     const std::vector<const uint8_t*> rows = rows_at(bits, bits_stride, w, off);
     k.server_pack(rows.data(), scales.data(), w, server_err + off, out + off / 8, n, valid - off, scale);
+  });
+}
+
+// ---- deferred error updates (see onebit.h) ------------------------------------------------------
+// Every pass below goes block by block (the sum of squares' 1 Ki blocks): a block is settled,
+// compensated, summed and its signs taken while it sits in L1, so each buffer crosses the memory
+// bus once per call. Settling is onebit_pack_piece's error update (its sign bytes go to a scratch),
+// so the values are the very ones the exact functions leave.
+
+namespace {
+
+constexpr int64_t kBlock = kOnebitSumBlock;
+
+inline int64_t clamp(int64_t v, int64_t hi) { return v < 0 ? 0 : (v < hi ? v : hi); }
+
+}  // namespace
+
+std::vector<double> onebit_compress_deferred(const void* x, DType x_dtype, float* err, int64_t numel, int64_t rows,
+                                             int64_t row_len, uint8_t* out, int64_t out_stride, const float* prev,
+                                             const std::vector<int64_t>& valid, int num_threads) {
+  if (static_cast<int64_t>(valid.size()) != rows)
+    throw std::invalid_argument("onebit_compress_deferred: one valid count per row");
+  const Kernels k = pick();
+  const int64_t per_row = pieces_in(row_len);
+  const int64_t xsize = x_dtype == DType::f32 ? 4 : 2;
+  std::vector<double> partial(static_cast<size_t>(rows * per_row), 0.0);
+  for_each_piece(rows, row_len, num_threads, [&](int64_t p, int64_t j, int64_t off, int64_t n) {
+    uint8_t junk[kBlock / 8];
+    const int64_t start = j * row_len + off;
+    const int64_t real = clamp(numel - start, n);  // elements of x in this piece
+    double total = 0.0;
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t len = n - b < kBlock ? n - b : kBlock;
+      float* e = err + start + b;
+      if (prev != nullptr) k.pack(e, junk, len, prev[j], valid[j] - off - b);
+      const int64_t add = clamp(real - b, len);
+      const void* xp = add > 0 ? static_cast<const char*>(x) + (start + b) * xsize : x;
+      total += k.compensate(xp, x_dtype, e, add, len);  // one block: exactly its block sum
+      k.signs(e, out + j * out_stride + (off + b) / 8, len);
+    }
+    partial[p] = total;
+  });
+  std::vector<double> sums(static_cast<size_t>(rows), 0.0);
+  for (size_t p = 0; p < partial.size(); ++p) sums[p / per_row] += partial[p];
+  return sums;
+}
+
+double onebit_server_deferred(const uint8_t* bits, int64_t bits_stride, const std::vector<float>& scales,
+                              float* server_err, int64_t row_len, int64_t valid, uint8_t* out, const float* prev,
+                              int num_threads) {
+  const Kernels k = pick();
+  const int64_t w = static_cast<int64_t>(scales.size());
+  std::vector<double> partial(static_cast<size_t>(pieces_in(row_len)), 0.0);
+  for_each_piece(1, row_len, num_threads, [&](int64_t p, int64_t, int64_t off, int64_t n) {
+    uint8_t junk[kBlock / 8];
+    const std::vector<const uint8_t*> rows = rows_at(bits, bits_stride, w, off);
+    double total = 0.0;
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t len = n - b < kBlock ? n - b : kBlock;
+      float* e = server_err + off + b;
+      if (prev != nullptr) k.pack(e, junk, len, *prev, valid - off - b);
+      k.server(rows.data(), b / 8, scales.data(), w, e, len, valid - off - b);
+      total += k.sumsq(e, len);
+      k.signs(e, out + (off + b) / 8, len);
+    }
+    partial[p] = total;
+  });
+  double total = 0.0;
+  for (double v : partial) total += v;
+  return total;
+}
+
+void onebit_settle(float* err, int64_t rows, int64_t row_len, const std::vector<float>& scales,
+                   const std::vector<int64_t>& valid, int num_threads) {
+  if (static_cast<int64_t>(scales.size()) != rows || static_cast<int64_t>(valid.size()) != rows)
+    throw std::invalid_argument("onebit_settle: one scale and one valid count per row");
+  const Kernels k = pick();
+  for_each_piece(rows, row_len, num_threads, [&](int64_t, int64_t j, int64_t off, int64_t n) {
+    uint8_t junk[kBlock / 8];
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t len = n - b < kBlock ? n - b : kBlock;
+      k.pack(err + j * row_len + off + b, junk, len, scales[j], valid[j] - off - b);
+    }
   });
 }
 

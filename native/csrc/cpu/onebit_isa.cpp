@@ -82,7 +82,7 @@ inline float sign_at(const uint8_t* bits, int64_t i, float s) {
 // pairwise: lane l += lane l + 32, then l + 16, 8, 4, 2, 1. Four 16-wide (or eight 8-wide)
 // accumulators give the vector units independent chains; the result is the same bits on the
 // scalar, AVX2 and AVX-512 builds (compiled with -ffp-contract=off: no fused multiply-adds).
-constexpr int64_t kSumBlock = 1024;
+constexpr int64_t kSumBlock = kOnebitSumBlock;
 
 inline float fold8(const float* t8) {
   float t4[4], t2[2];
@@ -273,9 +273,33 @@ void onebit_pack_piece(float* err, uint8_t* out, int64_t n, float scale, int64_t
   for (int64_t k = start; k < n; ++k) err[k] = 0.0f;
 }
 
-void onebit_server_piece(const uint8_t* const* bits, const float* scales, int64_t w, float* se, int64_t n,
+void onebit_server_piece(const uint8_t* const* bits, int64_t b0, const float* scales, int64_t w, float* se, int64_t n,
                          int64_t valid) {
-  server_values(bits, 0, scales, w, se, se, n, valid);
+  server_values(bits, b0, scales, w, se, se, n, valid);
+}
+
+void onebit_signs_piece(const float* c, uint8_t* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 zero = _mm512_setzero_ps();
+  for (; i + 64 <= n; i += 64) {
+    uint64_t signs = 0;
+    for (int q = 0; q < 4; ++q)
+      signs |= static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(c + i + 16 * q), zero, _CMP_GE_OQ))
+               << (16 * q);
+    signs = reverse_bits_in_bytes(signs);
+    std::memcpy(out + (i >> 3), &signs, 8);
+  }
+#elif defined(__AVX2__)
+  const __m256 zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8)
+    out[i >> 3] = kRev.v[_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(c + i), zero, _CMP_GE_OQ))];
+#endif
+  for (; i < n; i += 8) {
+    uint8_t byte = 0;
+    for (int j = 0; j < 8; ++j) byte |= static_cast<uint8_t>(c[i + j] >= 0.0f) << (7 - j);
+    out[i >> 3] = byte;
+  }
 }
 
 double onebit_server_sum_squares_piece(const uint8_t* const* bits, const float* scales, int64_t w, const float* se,

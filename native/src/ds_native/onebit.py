@@ -13,6 +13,13 @@ packed 8 per byte, most significant bit first, bit 1 for ``x >= 0``; one fp32 sc
 "bits" argument is a uint8 tensor ``[rows, >= row_len / 8]`` whose rows may be longer than the sign
 bytes (a message row: sign bytes, then the scale's 4 bytes): only its row stride matters.
 
+Deferred error updates (:func:`compress_deferred_`, :func:`server_deferred_`, :func:`settle_`): an
+error buffer may be left holding the compensated values ``c`` it compressed, with the scales that
+turn them into the errors (``c - scale * sign(c)``, zero past each row's valid count) kept by the
+caller; the next call applies them in the same pass that reads the buffer. Each buffer then crosses
+memory once per call instead of twice, and the values, sums and signs are bitwise those of the exact
+functions (``pack_`` and friends) on the settled buffer.
+
 CPU tensors only; the caller (onebit-comm) uses torch ops on other devices.
 """
 
@@ -27,11 +34,14 @@ from ds_native import _ds_native_cpu
 __all__ = [
     "available",
     "compensate_",
+    "compress_deferred_",
     "decode",
     "pack_",
     "server_accumulate_",
+    "server_deferred_",
     "server_pack_",
     "server_sum_squares",
+    "settle_",
     "sum_squares",
 ]
 
@@ -40,7 +50,7 @@ _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # ds::DTy
 
 def available() -> bool:
     """Whether this build of ds-native has the 1-bit kernels."""
-    return hasattr(_ds_native_cpu, "onebit_server_pack")
+    return hasattr(_ds_native_cpu, "onebit_settle")
 
 
 def _threads(num_threads: int | None) -> int:
@@ -189,6 +199,92 @@ def server_pack_(
         out.data_ptr(),
         float(scale),
         _threads(num_threads),
+    )
+
+
+def compress_deferred_(
+    x: torch.Tensor,
+    err: torch.Tensor,
+    rows: int,
+    out: torch.Tensor,
+    prev: Sequence[float] | None,
+    valid: Sequence[int],
+    num_threads: int | None = None,
+) -> list[float]:
+    """Worker side in one pass: settle ``err`` with ``prev`` (one scale per row; None: ``err`` holds errors),
+    add ``x`` (as :func:`compensate_`), write each row's signs into ``out`` (uint8 ``[rows, >= row_len/8]``).
+
+    Leaves ``err`` holding the compensated values; returns each row's sum of squares of them. The
+    caller keeps the scales it derives from those sums: they are the next call's ``prev``.
+    """
+    _check(x, "x", None)
+    if x.dtype not in _DTYPE_CODE:
+        raise TypeError(f"ds_native.onebit.compress_deferred_: x must be fp32, bf16 or fp16, got {x.dtype}")
+    _check(err, "err", torch.float32)
+    if err.numel() % rows or x.numel() > err.numel():
+        raise ValueError(
+            f"ds_native.onebit.compress_deferred_: err ({err.numel()}) must be rows x row_len >= x.numel()"
+        )
+    row_len = err.numel() // rows
+    stride = _check_bits(out, rows, row_len)
+    if len(valid) != rows:
+        raise ValueError("ds_native.onebit.compress_deferred_: one valid count per row")
+    return _ds_native_cpu.onebit_compress_deferred(
+        x.data_ptr(),
+        _DTYPE_CODE[x.dtype],
+        err.data_ptr(),
+        x.numel(),
+        rows,
+        row_len,
+        out.data_ptr(),
+        stride,
+        [] if prev is None else list(prev),
+        list(valid),
+        _threads(num_threads),
+    )
+
+
+def server_deferred_(
+    bits: torch.Tensor,
+    scales: Sequence[float],
+    server_err: torch.Tensor,
+    valid: int,
+    out: torch.Tensor,
+    prev: float | None,
+    num_threads: int | None = None,
+) -> float:
+    """Server side in one pass: settle ``server_err`` with ``prev`` (None: it holds errors), add the average
+    (as :func:`server_accumulate_`), write its signs into ``out`` (uint8 ``[1, >= C/8]``).
+
+    Leaves ``server_err`` holding the compensated values; returns their sum of squares.
+    """
+    _check(server_err, "server_err", torch.float32)
+    c = server_err.numel()
+    stride = _check_bits(bits, len(scales), c)
+    _check_bits(out, 1, c)
+    return _ds_native_cpu.onebit_server_deferred(
+        bits.data_ptr(),
+        stride,
+        list(scales),
+        server_err.data_ptr(),
+        c,
+        int(valid),
+        out.data_ptr(),
+        [] if prev is None else [float(prev)],
+        _threads(num_threads),
+    )
+
+
+def settle_(
+    err: torch.Tensor, rows: int, scales: Sequence[float], valid: Sequence[int], num_threads: int | None = None
+) -> None:
+    """Apply deferred updates: per row ``j``, ``err_j -= scales[j] * sign(err_j)`` and ``err_j[valid[j]:] = 0``
+    (the error update of :func:`pack_`, without its signs)."""
+    _check(err, "err", torch.float32)
+    if err.numel() % rows or len(scales) != rows or len(valid) != rows:
+        raise ValueError("ds_native.onebit.settle_: err must be rows x row_len, one scale and one valid count per row")
+    _ds_native_cpu.onebit_settle(
+        err.data_ptr(), rows, err.numel() // rows, list(scales), list(valid), _threads(num_threads)
     )
 
 

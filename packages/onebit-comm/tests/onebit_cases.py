@@ -14,7 +14,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from onebit_comm import CommStats, OneBitAdam, OneBitLamb, ZeroOneAdam, compressed_allreduce, error_buffers
+from onebit_comm import (
+    CommStats,
+    OneBitAdam,
+    OneBitLamb,
+    PendingErrors,
+    ZeroOneAdam,
+    compressed_allreduce,
+    error_buffers,
+)
 
 # (shape) cases: sizes that are and are not multiples of 8 x world size, 2-D, tiny, empty.
 SHAPES: list[tuple[int, ...]] = [(4096,), (1001,), (3, 7), (1,), (0,), (64, 33)]
@@ -251,4 +259,44 @@ def fused_vs_torch_rounds(rank: int, world: int) -> list[tuple[dict[str, Any], d
         assert "fused=True" in str(e)
     else:
         raise AssertionError("fused=True accepted a float64 tensor")
+    return out
+
+
+def deferred_vs_exact_rounds(rank: int, world: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The collective with deferred error updates (``pending=``) against the exact torch path, round by round.
+
+    Per round: both results, the exact path's error buffers, and the deferred buffers as settled
+    (a settled copy; in round 2 the buffers themselves are settled in place, so the next round
+    starts from settled buffers with nothing pending). Sizes with padding and several 64 Ki pieces.
+    """
+    out = []
+    for case, (shape, dtype) in enumerate(
+        (((300_001,), torch.float32), ((513, 257), torch.bfloat16), ((1001,), torch.float32))
+    ):
+        n = int(torch.Size(shape).numel())
+        exact, lazy = error_buffers(n, world), error_buffers(n, world)
+        pending = PendingErrors()
+        for rnd in range(4):
+            x = make_input(rank, 20 + case, rnd, shape).to(dtype)
+            y_exact, y_lazy = x.clone(), x.clone()
+            compressed_allreduce(y_exact, *exact, fused=False)
+            compressed_allreduce(y_lazy, *lazy, pending=pending)
+            assert pending.active and pending.scales.shape == (world + 1,)
+            if rnd == 2:
+                pending.settle_(*lazy, n)
+                assert not pending.active
+                settled = lazy
+            else:
+                settled = (lazy[0].clone(), lazy[1].clone())
+                PendingErrors(pending.scales.clone()).settle_(*settled, n)
+            out.append(
+                (
+                    {"result": y_exact.float().numpy(), "we": exact[0].numpy().copy(), "se": exact[1].numpy().copy()},
+                    {
+                        "result": y_lazy.float().numpy(),
+                        "we": settled[0].numpy().copy(),
+                        "se": settled[1].numpy().copy(),
+                    },
+                )
+            )
     return out

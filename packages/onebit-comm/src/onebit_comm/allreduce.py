@@ -35,7 +35,7 @@ from onebit_comm.compress import (
     valid_counts,
 )
 
-__all__ = ["CommStats", "compressed_allreduce", "error_buffers"]
+__all__ = ["CommStats", "PendingErrors", "compressed_allreduce", "error_buffers"]
 
 
 @dataclass
@@ -53,6 +53,58 @@ class CommStats:
         """Start counting from zero."""
         self.bytes_sent = 0
         self.calls = 0
+
+
+@dataclass
+class PendingErrors:
+    """Error updates that :func:`compressed_allreduce` deferred, for one ``(worker_error, server_error)`` pair.
+
+    [Note: deferred error updates] Each side of the collective compensates its error buffer
+    (``c = error + input``), needs the scale of the whole chunk (the RMS of ``c``) before it can write
+    the new error ``c - scale * sign(c)``, and so crosses the buffer twice. With ``pending=`` the
+    call leaves ``c`` in the buffers and records the scales here; the next call applies them in the
+    same pass that reads the buffer (one memory pass per buffer per call). The signs, scales, result
+    and bytes are bitwise those of the exact call, and :meth:`settle_` turns the buffers into exactly
+    the errors the exact calls would have left. Only the fused CPU kernels defer; on any other path
+    the call settles first and runs exactly.
+
+    ``scales`` is None (nothing deferred: the buffers hold errors) or fp32 ``[W + 1]``: the W worker
+    chunks' scales, then this rank's server chunk's. Keep one per error-buffer pair, next to it
+    (the 1-bit optimizers keep it in their state, so checkpoints carry it with the buffers).
+    """
+
+    scales: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the buffers hold compensated values waiting for :meth:`settle_`."""
+        return self.scales is not None
+
+    def settle_(
+        self,
+        worker_error: torch.Tensor,
+        server_error: torch.Tensor,
+        numel: int,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        """Apply the deferred updates now: the buffers hold the errors again (and nothing is pending).
+
+        ``numel``: the elements of the tensor they belong to; ``group`` the collective's (for this
+        rank's chunk). No-op when nothing is pending.
+        """
+        if self.scales is None:
+            return
+        rank, w = _world(group)
+        if self.scales.numel() != w + 1:
+            raise ValueError(
+                f"PendingErrors.settle_: {self.scales.numel() - 1} worker scales recorded, the group has {w} ranks"
+            )
+        _check_buffers(torch.empty(numel, device=worker_error.device), worker_error, server_error, w)
+        valid = valid_counts(numel, w)
+        scales = self.scales.to(torch.float32)
+        _fused.settle_(worker_error, w, scales[:w], valid)
+        _fused.settle_(server_error, 1, scales[w:], [valid[rank]])
+        self.scales = None
 
 
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -113,6 +165,7 @@ def compressed_allreduce(
     *,
     stats: CommStats | None = None,
     fused: bool | None = None,
+    pending: PendingErrors | None = None,
 ) -> torch.Tensor:
     """Average ``tensor`` over ``group`` with 1-bit compression and error feedback; in place, returned.
 
@@ -125,6 +178,11 @@ def compressed_allreduce(
     ``fused``: None (default) uses ds-native's fused CPU kernels where they apply (CPU fp32/bf16/fp16
     tensors, :mod:`onebit_comm.fused`) and torch ops elsewhere; False forces the torch ops; True
     requires the kernels. Both give bitwise the same result, error buffers and bytes.
+
+    ``pending``: defer the error updates (see :class:`PendingErrors`): on the fused path the buffers
+    are then left holding the compensated values and ``pending`` the scales that settle them, which
+    saves one memory pass over each buffer; the result is bitwise the same. Elsewhere the call
+    settles ``pending`` and runs exactly.
     """
     rank, w = _world(group)
     n = tensor.numel()
@@ -140,6 +198,18 @@ def compressed_allreduce(
     c = chunk_numel(n, w)
     c8 = c // 8
     valid = valid_counts(n, w)
+    deferred = pending is not None and use_fused
+    prev = None
+    if pending is not None and pending.active:
+        if pending.scales.numel() != w + 1:
+            raise ValueError(
+                f"compressed_allreduce rank {rank}/{w}: pending holds {pending.scales.numel() - 1} worker scales, "
+                f"the group has {w} ranks (a PendingErrors belongs to one tensor on one group)"
+            )
+        if deferred:
+            prev = pending.scales.to(torch.float32)
+        else:
+            pending.settle_(worker_error, server_error, n, group)
     # Message buffers are reused from call to call (see compress.py, [Note: why scratch buffers]):
     # a fresh one costs page faults on first touch. Row j of `send` goes to rank j: sign bytes, then
     # the 4 bytes of its scale, so each chunk is one message.
@@ -148,7 +218,11 @@ def compressed_allreduce(
     msg = _WS.get("msg", c8 + 4, torch.uint8, tensor.device)
     out = _WS.get("gather", w * (c8 + 4), torch.uint8, tensor.device)
     with torch.no_grad():
-        if use_fused:
+        if deferred:
+            scales = _fused.compress_deferred_into_(
+                tensor.detach(), worker_error, valid, send, None if prev is None else prev[:w]
+            )
+        elif use_fused:
             scales = _fused.compress_into_(tensor.detach(), worker_error, valid, send)
         else:
             packed, scales = compress_chunks_(tensor.detach(), worker_error, n, w)
@@ -161,7 +235,12 @@ def compressed_allreduce(
         except RuntimeError as e:
             raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: phase 1 all_to_all_single failed: {e}") from e
         got = _bytes_scale(recv[:, c8:])
-        if use_fused:
+        if deferred:
+            scale = _fused.server_deferred_into_(
+                recv, got, server_error, valid[rank], msg.view(1, -1), None if prev is None else prev[w:]
+            )
+            pending.scales = torch.cat([scales, scale])
+        elif use_fused:
             scale = _fused.server_into_(recv, got, server_error, valid[rank], msg.view(1, -1))
         else:
             mine, scale = server_average(recv[:, :c8], got, server_error, valid[rank])

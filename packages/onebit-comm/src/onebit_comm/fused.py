@@ -19,7 +19,15 @@ import torch
 from ds_native import onebit as _k
 from onebit_comm.compress import scales_from_sum_squares, server_weights
 
-__all__ = ["compress_into_", "decode_into", "server_into_", "usable"]
+__all__ = [
+    "compress_deferred_into_",
+    "compress_into_",
+    "decode_into",
+    "server_deferred_into_",
+    "server_into_",
+    "settle_",
+    "usable",
+]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -57,6 +65,40 @@ def server_into_(
     scale = scales_from_sum_squares([_k.server_sum_squares(bits, weights, server_error, valid)], [valid])
     _k.server_pack_(bits, weights, server_error, valid, out_bits, scale.item())
     return scale
+
+
+def compress_deferred_into_(
+    x: torch.Tensor, error: torch.Tensor, valid: list[int], bits: torch.Tensor, prev: torch.Tensor | None
+) -> torch.Tensor:
+    """:func:`compress_into_` with the error update deferred: one pass over ``error`` instead of two.
+
+    ``prev`` (fp32 ``[W]`` or None): the scales of the update the last call deferred. ``error`` is
+    left holding the compensated values; the returned scales are the update deferred now.
+    """
+    flat = x.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    sums = _k.compress_deferred_(flat, error, len(valid), bits, None if prev is None else prev.tolist(), valid)
+    return scales_from_sum_squares(sums, valid)
+
+
+def server_deferred_into_(
+    bits: torch.Tensor,
+    scales: torch.Tensor,
+    server_error: torch.Tensor,
+    valid: int,
+    out_bits: torch.Tensor,
+    prev: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`server_into_` with the error update deferred (``prev``: fp32 ``[1]`` or None); one pass."""
+    weights = server_weights(scales).tolist()
+    p = None if prev is None else prev.item()
+    return scales_from_sum_squares([_k.server_deferred_(bits, weights, server_error, valid, out_bits, p)], [valid])
+
+
+def settle_(error: torch.Tensor, rows: int, scales: torch.Tensor, valid: list[int]) -> None:
+    """Apply a deferred update: ``error`` holds errors again (bitwise what the exact path leaves)."""
+    _k.settle_(error, rows, scales.tolist(), valid)
 
 
 def decode_into(bits: torch.Tensor, scales: torch.Tensor, chunk: int, out: torch.Tensor) -> torch.Tensor:
