@@ -300,3 +300,31 @@ def deferred_vs_exact_rounds(rank: int, world: int) -> list[tuple[dict[str, Any]
                 )
             )
     return out
+
+
+def deferred_vs_exact_training(rank: int, world: int, name: str, kw: dict[str, Any], steps: int) -> dict[str, Any]:
+    """The same training with the optimizer's deferred error updates on and off; a state_dict taken mid-way.
+
+    Returns per mode the final parameters and the error buffers of the mid-way and final state_dicts
+    (state_dict settles a deferred update, and training goes on from the settled buffers).
+    """
+    torch.set_num_threads(1)
+    out = {}
+    for defer in (True, False):
+        torch.manual_seed(0)
+        model = TinyGPT()
+        opt, _ = _make_optimizer(name, model.parameters(), kw)
+        opt.defer_error_updates = defer
+        snaps = []
+        for step in range(steps):
+            x, y = batch(step, rank)
+            opt.zero_grad(set_to_none=True)
+            model(x, y).backward()
+            opt.step()
+            if step in (steps // 2, steps - 1):
+                sd = opt.state_dict()["state"]
+                assert all("error_pending_scales" not in st for st in sd.values())
+                snaps.append({f"{i}/{k}": st[k].numpy().copy() for i, st in sd.items() for k in st if "error" in k})
+        out[str(defer)] = {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()}
+        out[str(defer)].update({f"snap{j}/{k}": v for j, s in enumerate(snaps) for k, v in s.items()})
+    return out
