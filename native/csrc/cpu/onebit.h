@@ -88,6 +88,8 @@ void onebit_decode(const uint8_t* bits, int64_t bits_stride, const std::vector<f
   void onebit_server_pack_piece(const uint8_t* const* bits, const float* scales, int64_t w, float* se,     \
                                 uint8_t* out, int64_t n, int64_t valid, float scale);                      \
   void onebit_decode_piece(const uint8_t* bits, float scale, float* out, int64_t n, bool stream);         \
+  bool onebit_deferred_block(const float* x, const uint8_t* const* bits, int64_t b0, const float* scales,  \
+                             int64_t w, float* e, uint8_t* out, const float* prev, float* sum);            \
   }
 
 DS_DECLARE_ONEBIT_KERNELS(scalar)

@@ -30,6 +30,8 @@ struct Kernels {
   void (*server_pack)(const uint8_t* const*, const float*, int64_t, float*, uint8_t*, int64_t, int64_t, float);
   void (*decode)(const uint8_t*, float, float*, int64_t, bool);
   void (*signs)(const float*, uint8_t*, int64_t);
+  bool (*deferred_block)(const float*, const uint8_t* const*, int64_t, const float*, int64_t, float*, uint8_t*,
+                         const float*, float*);
 };
 
 Kernels pick() {
@@ -37,7 +39,7 @@ Kernels pick() {
   Kernels {                                                                                            \
     &ns::onebit_sum_squares_piece, &ns::onebit_compensate_piece, &ns::onebit_pack_piece,               \
         &ns::onebit_server_piece, &ns::onebit_server_sum_squares_piece, &ns::onebit_server_pack_piece, \
-        &ns::onebit_decode_piece, &ns::onebit_signs_piece                                              \
+        &ns::onebit_decode_piece, &ns::onebit_signs_piece, &ns::onebit_deferred_block                  \
   }
   switch (active_isa()) {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -192,11 +194,20 @@ std::vector<double> onebit_compress_deferred(const void* x, DType x_dtype, float
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t len = n - b < kBlock ? n - b : kBlock;
       float* e = err + start + b;
+      uint8_t* o = out + j * out_stride + (off + b) / 8;
+      float sum;
+      // A whole block of real fp32 elements: the one-loop fast path where the ISA has one.
+      if (len == kBlock && real - b >= kBlock && x_dtype == DType::f32 &&
+          k.deferred_block(static_cast<const float*>(x) + start + b, nullptr, 0, nullptr, 0, e, o,
+                           prev != nullptr ? prev + j : nullptr, &sum)) {
+        total += static_cast<double>(sum);
+        continue;
+      }
       if (prev != nullptr) k.pack(e, junk, len, prev[j], valid[j] - off - b);
       const int64_t add = clamp(real - b, len);
       const void* xp = add > 0 ? static_cast<const char*>(x) + (start + b) * xsize : x;
       total += k.compensate(xp, x_dtype, e, add, len);  // one block: exactly its block sum
-      k.signs(e, out + j * out_stride + (off + b) / 8, len);
+      k.signs(e, o, len);
     }
     partial[p] = total;
   });
@@ -218,6 +229,12 @@ double onebit_server_deferred(const uint8_t* bits, int64_t bits_stride, const st
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t len = n - b < kBlock ? n - b : kBlock;
       float* e = server_err + off + b;
+      float sum;
+      if (len == kBlock && valid - off - b >= kBlock &&
+          k.deferred_block(nullptr, rows.data(), b / 8, scales.data(), w, e, out + (off + b) / 8, prev, &sum)) {
+        total += static_cast<double>(sum);
+        continue;
+      }
       if (prev != nullptr) k.pack(e, junk, len, *prev, valid - off - b);
       k.server(rows.data(), b / 8, scales.data(), w, e, len, valid - off - b);
       total += k.sumsq(e, len);
