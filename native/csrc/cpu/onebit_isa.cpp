@@ -217,6 +217,65 @@ void server_values(const uint8_t* const* bits, int64_t b0, const float* scales, 
     for (; i < n; ++i) dst[i] = se[i];
 }
 
+// The deferred passes' fast path for one whole block of kSumBlock elements, all real and valid:
+// settle with *prev (when given), add x (fp32) or the W decoded rows, store, take the signs and the
+// block's sum of squares, in registers, 64 elements at a time. The same operations in the same order
+// as the composed path (onebit_pack_piece's update, onebit_compensate_piece or server_values,
+// block_sum_squares, onebit_signs_piece), so the same bits. AVX-512 only: elsewhere it returns
+// false and the caller composes those kernels block by block.
+// write == false: only the sum (server_err's read-only first pass; e is not written).
+bool block_fast(const float* x, const uint8_t* const* bits, int64_t b0, const float* scales, int64_t w, float* e,
+                uint8_t* out, const float* prev, float* sum, bool write) {
+#if defined(__AVX512F__)
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 ps = _mm512_set1_ps(prev ? *prev : 0.0f), ns = _mm512_set1_ps(prev ? -*prev : 0.0f);
+  __m512 a[4] = {zero, zero, zero, zero};
+  for (int64_t i = 0; i < kSumBlock; i += 64) {
+    __m512 add[4];
+    if (x != nullptr) {
+      for (int q = 0; q < 4; ++q) add[q] = _mm512_loadu_ps(x + i + 16 * q);
+    } else {
+      const int64_t b = b0 + (i >> 3);
+      for (int64_t r = 0; r < w; ++r) {
+        uint64_t word;
+        std::memcpy(&word, bits[r] + b, 8);
+        word = reverse_bits_in_bytes(word);
+        const __m512 vs = _mm512_set1_ps(scales[r]), vns = _mm512_set1_ps(-scales[r]);
+        for (int q = 0; q < 4; ++q) {
+          const __m512 d = _mm512_mask_blend_ps(static_cast<__mmask16>(word >> (16 * q)), vns, vs);
+          add[q] = r == 0 ? d : _mm512_add_ps(add[q], d);
+        }
+      }
+    }
+    uint64_t signs = 0;
+    for (int q = 0; q < 4; ++q) {
+      __m512 v = _mm512_loadu_ps(e + i + 16 * q);
+      if (prev != nullptr) v = _mm512_sub_ps(v, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ), ns, ps));
+      v = _mm512_add_ps(v, add[q]);
+      a[q] = _mm512_add_ps(a[q], _mm512_mul_ps(v, v));
+      if (write) {
+        _mm512_storeu_ps(e + i + 16 * q, v);
+        signs |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ)) << (16 * q);
+      }
+    }
+    if (write) {
+      signs = reverse_bits_in_bytes(signs);
+      std::memcpy(out + (i >> 3), &signs, 8);
+    }
+  }
+  const __m512 t16 = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+  alignas(64) float t[16];
+  _mm512_store_ps(t, t16);
+  float t8[8];
+  for (int l = 0; l < 8; ++l) t8[l] = t[l] + t[l + 8];
+  *sum = fold8(t8);
+  return true;
+#else
+  (void)x, (void)bits, (void)b0, (void)scales, (void)w, (void)e, (void)out, (void)prev, (void)sum, (void)write;
+  return false;
+#endif
+}
+
 }  // namespace
 
 double onebit_sum_squares_piece(const float* x, int64_t n) {
@@ -234,6 +293,13 @@ double onebit_compensate_piece(const void* x, DType x_dtype, float* err, int64_t
     const int64_t len = n - b < kSumBlock ? n - b : kSumBlock;
     const int64_t add = real - b < len ? (real - b > 0 ? real - b : 0) : len;
     float* e = err + b;
+    float sum;
+    uint8_t junk[kSumBlock / 8];  // block_fast's signs, not wanted here
+    if (len == kSumBlock && add == len && x_dtype == DType::f32 &&
+        block_fast(static_cast<const float*>(x) + b, nullptr, 0, nullptr, 0, e, junk, nullptr, &sum, true)) {
+      total += static_cast<double>(sum);
+      continue;
+    }
     if (x_dtype == DType::f32) {
       const float* xf = static_cast<const float*>(x) + b;
 #pragma omp simd
@@ -309,6 +375,12 @@ double onebit_server_sum_squares_piece(const uint8_t* const* bits, const float* 
   double total = 0.0;
   for (int64_t b = 0; b < n; b += kSumBlock) {
     const int64_t len = n - b < kSumBlock ? n - b : kSumBlock;
+    float sum;
+    if (len == kSumBlock && valid - b >= kSumBlock &&
+        block_fast(nullptr, bits, b >> 3, scales, w, const_cast<float*>(se + b), nullptr, nullptr, &sum, false)) {
+      total += static_cast<double>(sum);  // the same sum, in registers (se is only read)
+      continue;
+    }
     server_values(bits, b >> 3, scales, w, se + b, tmp, len, valid - b);
     total += static_cast<double>(block_sum_squares(tmp, len));
   }
@@ -414,58 +486,9 @@ void onebit_decode_piece(const uint8_t* bits, float scale, float* out, int64_t n
 #endif
 }
 
-// The deferred passes' fast path for one whole block of kSumBlock elements, all real and valid:
-// settle with *prev (when given), add x (fp32) or the W decoded rows, store, take the signs and the
-// block's sum of squares, in registers, 64 elements at a time. The same operations in the same order
-// as the composed path (onebit_pack_piece's update, onebit_compensate_piece or server_values,
-// block_sum_squares, onebit_signs_piece), so the same bits. AVX-512 only: elsewhere it returns
-// false and the caller composes those kernels block by block.
 bool onebit_deferred_block(const float* x, const uint8_t* const* bits, int64_t b0, const float* scales, int64_t w,
                            float* e, uint8_t* out, const float* prev, float* sum) {
-#if defined(__AVX512F__)
-  const __m512 zero = _mm512_setzero_ps();
-  const __m512 ps = _mm512_set1_ps(prev ? *prev : 0.0f), ns = _mm512_set1_ps(prev ? -*prev : 0.0f);
-  __m512 a[4] = {zero, zero, zero, zero};
-  for (int64_t i = 0; i < kSumBlock; i += 64) {
-    __m512 add[4];
-    if (x != nullptr) {
-      for (int q = 0; q < 4; ++q) add[q] = _mm512_loadu_ps(x + i + 16 * q);
-    } else {
-      const int64_t b = b0 + (i >> 3);
-      for (int64_t r = 0; r < w; ++r) {
-        uint64_t word;
-        std::memcpy(&word, bits[r] + b, 8);
-        word = reverse_bits_in_bytes(word);
-        const __m512 vs = _mm512_set1_ps(scales[r]), vns = _mm512_set1_ps(-scales[r]);
-        for (int q = 0; q < 4; ++q) {
-          const __m512 d = _mm512_mask_blend_ps(static_cast<__mmask16>(word >> (16 * q)), vns, vs);
-          add[q] = r == 0 ? d : _mm512_add_ps(add[q], d);
-        }
-      }
-    }
-    uint64_t signs = 0;
-    for (int q = 0; q < 4; ++q) {
-      __m512 v = _mm512_loadu_ps(e + i + 16 * q);
-      if (prev != nullptr) v = _mm512_sub_ps(v, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ), ns, ps));
-      v = _mm512_add_ps(v, add[q]);
-      _mm512_storeu_ps(e + i + 16 * q, v);
-      a[q] = _mm512_add_ps(a[q], _mm512_mul_ps(v, v));
-      signs |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ)) << (16 * q);
-    }
-    signs = reverse_bits_in_bytes(signs);
-    std::memcpy(out + (i >> 3), &signs, 8);
-  }
-  const __m512 t16 = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
-  alignas(64) float t[16];
-  _mm512_store_ps(t, t16);
-  float t8[8];
-  for (int l = 0; l < 8; ++l) t8[l] = t[l] + t[l + 8];
-  *sum = fold8(t8);
-  return true;
-#else
-  (void)x, (void)bits, (void)b0, (void)scales, (void)w, (void)e, (void)out, (void)prev, (void)sum;
-  return false;
-#endif
+  return block_fast(x, bits, b0, scales, w, e, out, prev, sum, true);
 }
 
 }  // namespace ds::DS_ISA_NS
