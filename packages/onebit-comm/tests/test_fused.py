@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import ds_native
+from onebit_comm import PendingErrors
 from onebit_comm import compress as C
 from onebit_comm import fused as F
 from zero_testkit import run_distributed
@@ -179,3 +180,10 @@ def test_deferred_kernels_settle_to_the_exact_buffers(isa: str) -> None:
         settled = se_lazy.clone()
         F.settle_(settled, 1, sprev, [valid[2]])
         assert torch.equal(settled, se_exact)
+
+
+def test_pending_errors_of_another_world_size_are_refused() -> None:
+    # Scales recorded for 2 ranks, settled in a single process (a group of 1): a clear error.
+    with pytest.raises(ValueError, match="2 worker scales recorded, the group has 1 ranks"):
+        PendingErrors(torch.zeros(3)).settle_(torch.zeros(16), torch.zeros(16), 10)
+    PendingErrors().settle_(torch.zeros(16), torch.zeros(16), 10)  # nothing pending: a no-op
