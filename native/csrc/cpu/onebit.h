@@ -23,9 +23,11 @@ namespace ds {
 constexpr int64_t kOnebitSumBlock = 1 << 10;
 
 // err[i] += x[i] for i < numel (x of dtype x_dtype, converted exactly to fp32);
-// returns, per row of err viewed as [rows, row_len], the sum of squares.
+// returns, per row of err viewed as [rows, row_len], the sum of squares. With out,
+// also each row's signs into out row j (signs do not need the scale: the caller can
+// send them before the error update, onebit_settle).
 std::vector<double> onebit_compensate(const void* x, DType x_dtype, float* err, int64_t numel, int64_t rows,
-                                      int64_t row_len, int num_threads);
+                                      int64_t row_len, uint8_t* out, int64_t out_stride, int num_threads);
 
 // The sum of squares of x[0, n) (one row).
 double onebit_sum_squares(const float* x, int64_t n, int num_threads);
@@ -43,8 +45,10 @@ double onebit_server(const uint8_t* bits, int64_t bits_stride, const std::vector
 // Server side in two passes, writing server_err once. Pass 1 (read-only): the sum of
 // squares of c = server_err + avg (avg as in onebit_server). Pass 2, given the scale
 // computed from it: server_err := c, packed into out (1 row) as onebit_pack does.
+// (With out, pass 1 also writes the signs, which do not need the scale.)
 double onebit_server_sum_squares(const uint8_t* bits, int64_t bits_stride, const std::vector<float>& scales,
-                                 const float* server_err, int64_t row_len, int64_t valid, int num_threads);
+                                 const float* server_err, int64_t row_len, int64_t valid, uint8_t* out,
+                                 int num_threads);
 void onebit_server_pack(const uint8_t* bits, int64_t bits_stride, const std::vector<float>& scales, float* server_err,
                         int64_t row_len, int64_t valid, uint8_t* out, float scale, int num_threads);
 
@@ -78,13 +82,14 @@ void onebit_decode(const uint8_t* bits, int64_t bits_stride, const std::vector<f
 #define DS_DECLARE_ONEBIT_KERNELS(ns)                                                                      \
   namespace ds::ns {                                                                                       \
   double onebit_sum_squares_piece(const float* x, int64_t n);                                              \
-  double onebit_compensate_piece(const void* x, ds::DType x_dtype, float* err, int64_t real, int64_t n);  \
+  double onebit_compensate_piece(const void* x, ds::DType x_dtype, float* err, int64_t real, int64_t n,   \
+                                 uint8_t* out);                                                            \
   void onebit_pack_piece(float* err, uint8_t* out, int64_t n, float scale, int64_t valid);                \
   void onebit_server_piece(const uint8_t* const* bits, int64_t b0, const float* scales, int64_t w,        \
                            float* se, int64_t n, int64_t valid);                                           \
   void onebit_signs_piece(const float* c, uint8_t* out, int64_t n);                                        \
   double onebit_server_sum_squares_piece(const uint8_t* const* bits, const float* scales, int64_t w,       \
-                                         const float* se, int64_t n, int64_t valid);                       \
+                                         const float* se, int64_t n, int64_t valid, uint8_t* out);         \
   void onebit_server_pack_piece(const uint8_t* const* bits, const float* scales, int64_t w, float* se,     \
                                 uint8_t* out, int64_t n, int64_t valid, float scale);                      \
   void onebit_decode_piece(const uint8_t* bits, float scale, float* out, int64_t n, bool stream);         \

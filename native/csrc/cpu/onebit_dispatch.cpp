@@ -23,10 +23,10 @@ constexpr int64_t kStreamBytes = int64_t{32} << 20;
 
 struct Kernels {
   double (*sumsq)(const float*, int64_t);
-  double (*compensate)(const void*, DType, float*, int64_t, int64_t);
+  double (*compensate)(const void*, DType, float*, int64_t, int64_t, uint8_t*);
   void (*pack)(float*, uint8_t*, int64_t, float, int64_t);
   void (*server)(const uint8_t* const*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
-  double (*server_sumsq)(const uint8_t* const*, const float*, int64_t, const float*, int64_t, int64_t);
+  double (*server_sumsq)(const uint8_t* const*, const float*, int64_t, const float*, int64_t, int64_t, uint8_t*);
   void (*server_pack)(const uint8_t* const*, const float*, int64_t, float*, uint8_t*, int64_t, int64_t, float);
   void (*decode)(const uint8_t*, float, float*, int64_t, bool);
   void (*signs)(const float*, uint8_t*, int64_t);
@@ -75,7 +75,7 @@ void for_each_piece(int64_t rows, int64_t row_len, int num_threads, Fn fn) {
 }  // namespace
 
 std::vector<double> onebit_compensate(const void* x, DType x_dtype, float* err, int64_t numel, int64_t rows,
-                                      int64_t row_len, int num_threads) {
+                                      int64_t row_len, uint8_t* out, int64_t out_stride, int num_threads) {
   const Kernels k = pick();
   const int64_t per_row = pieces_in(row_len);
   const int64_t xsize = x_dtype == DType::f32 ? 4 : 2;
@@ -85,11 +85,12 @@ std::vector<double> onebit_compensate(const void* x, DType x_dtype, float* err, 
     const int64_t real = numel - start < n ? numel - start : n;  // elements of x in this piece
     // Squares summed block by block as each is written: no second trip to memory.
     const void* xp = real > 0 ? static_cast<const char*>(x) + start * xsize : x;
-    partial[p] = k.compensate(xp, x_dtype, err + start, real > 0 ? real : 0, n);
+    uint8_t* o = out != nullptr ? out + j * out_stride + off / 8 : nullptr;
+    partial[p] = k.compensate(xp, x_dtype, err + start, real > 0 ? real : 0, n, o);
   });
-  std::vector<double> out(static_cast<size_t>(rows), 0.0);
-  for (size_t p = 0; p < partial.size(); ++p) out[p / per_row] += partial[p];
-  return out;
+  std::vector<double> sums(static_cast<size_t>(rows), 0.0);
+  for (size_t p = 0; p < partial.size(); ++p) sums[p / per_row] += partial[p];
+  return sums;
 }
 
 double onebit_sum_squares(const float* x, int64_t n, int num_threads) {
@@ -140,13 +141,15 @@ double onebit_server(const uint8_t* bits, int64_t bits_stride, const std::vector
 }
 
 double onebit_server_sum_squares(const uint8_t* bits, int64_t bits_stride, const std::vector<float>& scales,
-                                 const float* server_err, int64_t row_len, int64_t valid, int num_threads) {
+                                 const float* server_err, int64_t row_len, int64_t valid, uint8_t* out,
+                                 int num_threads) {
   const Kernels k = pick();
   const int64_t w = static_cast<int64_t>(scales.size());
   std::vector<double> partial(static_cast<size_t>(pieces_in(row_len)), 0.0);
   for_each_piece(1, row_len, num_threads, [&](int64_t p, int64_t, int64_t off, int64_t n) {
     const std::vector<const uint8_t*> rows = rows_at(bits, bits_stride, w, off);
-    partial[p] = k.server_sumsq(rows.data(), scales.data(), w, server_err + off, n, valid - off);
+    partial[p] = k.server_sumsq(rows.data(), scales.data(), w, server_err + off, n, valid - off,
+                                out != nullptr ? out + off / 8 : nullptr);
   });
   double total = 0.0;
   for (double v : partial) total += v;
@@ -206,8 +209,7 @@ std::vector<double> onebit_compress_deferred(const void* x, DType x_dtype, float
       if (prev != nullptr) k.pack(e, junk, len, prev[j], valid[j] - off - b);
       const int64_t add = clamp(real - b, len);
       const void* xp = add > 0 ? static_cast<const char*>(x) + (start + b) * xsize : x;
-      total += k.compensate(xp, x_dtype, e, add, len);  // one block: exactly its block sum
-      k.signs(e, o, len);
+      total += k.compensate(xp, x_dtype, e, add, len, o);  // one block: exactly its block sum
     }
     partial[p] = total;
   });

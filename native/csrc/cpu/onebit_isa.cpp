@@ -223,9 +223,9 @@ void server_values(const uint8_t* const* bits, int64_t b0, const float* scales, 
 // as the composed path (onebit_pack_piece's update, onebit_compensate_piece or server_values,
 // block_sum_squares, onebit_signs_piece), so the same bits. AVX-512 only: elsewhere it returns
 // false and the caller composes those kernels block by block.
-// write == false: only the sum (server_err's read-only first pass; e is not written).
+// store == false: e is only read (server_err's read-only first pass); out == nullptr: no signs.
 bool block_fast(const float* x, const uint8_t* const* bits, int64_t b0, const float* scales, int64_t w, float* e,
-                uint8_t* out, const float* prev, float* sum, bool write) {
+                uint8_t* out, const float* prev, float* sum, bool store) {
 #if defined(__AVX512F__)
   const __m512 zero = _mm512_setzero_ps();
   const __m512 ps = _mm512_set1_ps(prev ? *prev : 0.0f), ns = _mm512_set1_ps(prev ? -*prev : 0.0f);
@@ -253,12 +253,10 @@ bool block_fast(const float* x, const uint8_t* const* bits, int64_t b0, const fl
       if (prev != nullptr) v = _mm512_sub_ps(v, _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ), ns, ps));
       v = _mm512_add_ps(v, add[q]);
       a[q] = _mm512_add_ps(a[q], _mm512_mul_ps(v, v));
-      if (write) {
-        _mm512_storeu_ps(e + i + 16 * q, v);
-        signs |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ)) << (16 * q);
-      }
+      if (store) _mm512_storeu_ps(e + i + 16 * q, v);
+      if (out != nullptr) signs |= static_cast<uint64_t>(_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ)) << (16 * q);
     }
-    if (write) {
+    if (out != nullptr) {
       signs = reverse_bits_in_bytes(signs);
       std::memcpy(out + (i >> 3), &signs, 8);
     }
@@ -271,7 +269,7 @@ bool block_fast(const float* x, const uint8_t* const* bits, int64_t b0, const fl
   *sum = fold8(t8);
   return true;
 #else
-  (void)x, (void)bits, (void)b0, (void)scales, (void)w, (void)e, (void)out, (void)prev, (void)sum, (void)write;
+  (void)x, (void)bits, (void)b0, (void)scales, (void)w, (void)e, (void)out, (void)prev, (void)sum, (void)store;
   return false;
 #endif
 }
@@ -285,7 +283,7 @@ double onebit_sum_squares_piece(const float* x, int64_t n) {
   return total;
 }
 
-double onebit_compensate_piece(const void* x, DType x_dtype, float* err, int64_t real, int64_t n) {
+double onebit_compensate_piece(const void* x, DType x_dtype, float* err, int64_t real, int64_t n, uint8_t* out) {
   const int64_t xsize = x_dtype == DType::f32 ? 4 : 2;
   double total = 0.0;
   // Block by block, so the squares are summed while the block just written is in L1.
@@ -294,9 +292,9 @@ double onebit_compensate_piece(const void* x, DType x_dtype, float* err, int64_t
     const int64_t add = real - b < len ? (real - b > 0 ? real - b : 0) : len;
     float* e = err + b;
     float sum;
-    uint8_t junk[kSumBlock / 8];  // block_fast's signs, not wanted here
+    uint8_t* o = out != nullptr ? out + (b >> 3) : nullptr;
     if (len == kSumBlock && add == len && x_dtype == DType::f32 &&
-        block_fast(static_cast<const float*>(x) + b, nullptr, 0, nullptr, 0, e, junk, nullptr, &sum, true)) {
+        block_fast(static_cast<const float*>(x) + b, nullptr, 0, nullptr, 0, e, o, nullptr, &sum, true)) {
       total += static_cast<double>(sum);
       continue;
     }
@@ -309,6 +307,7 @@ double onebit_compensate_piece(const void* x, DType x_dtype, float* err, int64_t
       for (int64_t i = 0; i < add; ++i) e[i] = e[i] + load_elem(xb, x_dtype, i);
     }
     total += static_cast<double>(block_sum_squares(e, len));
+    if (o != nullptr) onebit_signs_piece(e, o, len);
   }
   return total;
 }
@@ -369,20 +368,22 @@ void onebit_signs_piece(const float* c, uint8_t* out, int64_t n) {
 }
 
 double onebit_server_sum_squares_piece(const uint8_t* const* bits, const float* scales, int64_t w, const float* se,
-                                       int64_t n, int64_t valid) {
+                                       int64_t n, int64_t valid, uint8_t* out) {
   // Read-only: the compensated values go to an L1 scratch block, never to server_err.
   alignas(64) float tmp[kSumBlock];
   double total = 0.0;
   for (int64_t b = 0; b < n; b += kSumBlock) {
     const int64_t len = n - b < kSumBlock ? n - b : kSumBlock;
     float sum;
+    uint8_t* o = out != nullptr ? out + (b >> 3) : nullptr;
     if (len == kSumBlock && valid - b >= kSumBlock &&
-        block_fast(nullptr, bits, b >> 3, scales, w, const_cast<float*>(se + b), nullptr, nullptr, &sum, false)) {
+        block_fast(nullptr, bits, b >> 3, scales, w, const_cast<float*>(se + b), o, nullptr, &sum, false)) {
       total += static_cast<double>(sum);  // the same sum, in registers (se is only read)
       continue;
     }
     server_values(bits, b >> 3, scales, w, se + b, tmp, len, valid - b);
     total += static_cast<double>(block_sum_squares(tmp, len));
+    if (o != nullptr) onebit_signs_piece(tmp, o, len);
   }
   return total;
 }

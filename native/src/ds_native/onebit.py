@@ -94,10 +94,14 @@ def sum_squares(x: torch.Tensor, num_threads: int | None = None) -> float:
     return _ds_native_cpu.onebit_sum_squares(x.data_ptr(), x.numel(), _threads(num_threads)) if x.numel() else 0.0
 
 
-def compensate_(x: torch.Tensor, err: torch.Tensor, rows: int, num_threads: int | None = None) -> list[float]:
+def compensate_(
+    x: torch.Tensor, err: torch.Tensor, rows: int, num_threads: int | None = None, *, out: torch.Tensor | None = None
+) -> list[float]:
     """``err[:x.numel()] += x`` (x fp32/bf16/fp16, contiguous), then each row's sum of squares of ``err``.
 
-    ``err`` is fp32 ``[rows * row_len]``, contiguous.
+    ``err`` is fp32 ``[rows * row_len]``, contiguous. With ``out`` (uint8 ``[rows, >= row_len/8]``) also
+    each row's signs, which need no scale: :func:`settle_` with the scales then does the error update
+    (together bitwise :func:`pack_`), so the signs can be sent before it.
     """
     _check(x, "x", None)
     if x.dtype not in _DTYPE_CODE:
@@ -105,8 +109,18 @@ def compensate_(x: torch.Tensor, err: torch.Tensor, rows: int, num_threads: int 
     _check(err, "err", torch.float32)
     if err.numel() % rows or x.numel() > err.numel():
         raise ValueError(f"ds_native.onebit.compensate_: err ({err.numel()}) must be rows x row_len >= x.numel()")
+    row_len = err.numel() // rows
+    stride = _check_bits(out, rows, row_len) if out is not None else 0
     return _ds_native_cpu.onebit_compensate(
-        x.data_ptr(), _DTYPE_CODE[x.dtype], err.data_ptr(), x.numel(), rows, err.numel() // rows, _threads(num_threads)
+        x.data_ptr(),
+        _DTYPE_CODE[x.dtype],
+        err.data_ptr(),
+        x.numel(),
+        rows,
+        row_len,
+        _threads(num_threads),
+        out.data_ptr() if out is not None else 0,
+        stride,
     )
 
 
@@ -151,24 +165,35 @@ def server_accumulate_(
 
 
 def server_sum_squares(
-    bits: torch.Tensor, scales: Sequence[float], server_err: torch.Tensor, valid: int, num_threads: int | None = None
+    bits: torch.Tensor,
+    scales: Sequence[float],
+    server_err: torch.Tensor,
+    valid: int,
+    num_threads: int | None = None,
+    *,
+    out: torch.Tensor | None = None,
 ) -> float:
     """Read-only first pass of the server side: the sum of squares of ``server_err + avg``.
 
     ``avg`` as in :func:`server_accumulate_`; ``server_err`` is not written. With the scale computed
     from it, :func:`server_pack_` makes the second pass. Together they equal
     ``server_accumulate_`` then ``pack_``, bit for bit, but write ``server_err`` once instead of twice.
+    With ``out`` (uint8 ``[1, >= C/8]``) this pass also writes the signs (they need no scale).
     """
     _check(server_err, "server_err", torch.float32)
-    stride = _check_bits(bits, len(scales), server_err.numel())
+    c = server_err.numel()
+    stride = _check_bits(bits, len(scales), c)
+    if out is not None:
+        _check_bits(out, 1, c)
     return _ds_native_cpu.onebit_server_sum_squares(
         bits.data_ptr(),
         stride,
         list(scales),
         server_err.data_ptr(),
-        server_err.numel(),
+        c,
         int(valid),
         _threads(num_threads),
+        out.data_ptr() if out is not None else 0,
     )
 
 

@@ -18,7 +18,9 @@ only lays out and moves bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -157,6 +159,28 @@ def _bytes_scale(raw: torch.Tensor) -> torch.Tensor:
     return raw.contiguous().view(torch.float32).view(-1)
 
 
+def _start(launch: Callable[[], Any], rank: int, w: int, what: str) -> Any:
+    """Start an async collective; a failure names the rank and the operation."""
+    try:
+        return launch()
+    except RuntimeError as e:
+        raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: {what} failed: {e}") from e
+
+
+def _wait(work: Any, rank: int, w: int, what: str) -> None:
+    try:
+        work.wait()
+    except RuntimeError as e:
+        raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: {what} failed: {e}") from e
+
+
+def _decode_rows(bits: torch.Tensor, scales: torch.Tensor, first: int, c: int, dst: torch.Tensor) -> None:
+    """Decode chunks ``first .. first + len(scales)`` (message rows ``bits``) into their place in flat ``dst``."""
+    start, stop = first * c, min((first + scales.numel()) * c, dst.numel())
+    if scales.numel() and stop > start:
+        _fused.decode_into(bits, scales, c, dst[start:stop])
+
+
 def compressed_allreduce(
     tensor: torch.Tensor,
     worker_error: torch.Tensor,
@@ -218,22 +242,26 @@ def compressed_allreduce(
     msg = _WS.get("msg", c8 + 4, torch.uint8, tensor.device)
     out = _WS.get("gather", w * (c8 + 4), torch.uint8, tensor.device)
     with torch.no_grad():
+        # [Note: overlap] Signs need no scale. On the exact fused path each side writes its signs
+        # in its first pass and does its error update (a pass over the error buffer) while those
+        # bytes travel; and every fused path decodes this rank's own chunk during the all-gather.
         if deferred:
             scales = _fused.compress_deferred_into_(
                 tensor.detach(), worker_error, valid, send, None if prev is None else prev[:w]
             )
         elif use_fused:
-            scales = _fused.compress_into_(tensor.detach(), worker_error, valid, send)
+            scales = _fused.compress_signs_into_(tensor.detach(), worker_error, valid, send)
         else:
             packed, scales = compress_chunks_(tensor.detach(), worker_error, n, w)
             send[:, :c8] = packed
         send[:, c8:] = _scale_bytes(scales)
 
         # Phase 1: chunk j goes to rank j.
-        try:
-            dist.all_to_all_single(recv, send, group=group)
-        except RuntimeError as e:
-            raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: phase 1 all_to_all_single failed: {e}") from e
+        what = "phase 1 all_to_all_single"
+        work = _start(lambda: dist.all_to_all_single(recv, send, group=group, async_op=True), rank, w, what)
+        if use_fused and not deferred:
+            _fused.settle_(worker_error, w, scales, valid)
+        _wait(work, rank, w, what)
         got = _bytes_scale(recv[:, c8:])
         if deferred:
             scale = _fused.server_deferred_into_(
@@ -241,23 +269,28 @@ def compressed_allreduce(
             )
             pending.scales = torch.cat([scales, scale])
         elif use_fused:
-            scale = _fused.server_into_(recv, got, server_error, valid[rank], msg.view(1, -1))
+            scale = _fused.server_signs_into_(recv, got, server_error, valid[rank], msg.view(1, -1))
         else:
             mine, scale = server_average(recv[:, :c8], got, server_error, valid[rank])
             msg[:c8] = mine
         msg[c8:] = _scale_bytes(scale).view(-1)
 
         # Phase 2: every rank collects every owner's recompressed chunk.
-        try:
-            _all_gather(out, msg, group=group)
-        except RuntimeError as e:
-            raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: phase 2 all_gather failed: {e}") from e
-        rows = out.view(w, c8 + 4)
-        final = _bytes_scale(rows[:, c8:])
+        what = "phase 2 all_gather"
+        work = _start(lambda: _all_gather(out, msg, group=group, async_op=True), rank, w, what)
         straight = tensor.dtype == torch.float32 and tensor.is_contiguous()
         if use_fused:
+            if not deferred:
+                scratch = _WS.get("signs", c8 + 4, torch.uint8, tensor.device).view(1, -1)
+                _fused.server_settle_(recv, got, server_error, valid[rank], scale, scratch)
             dst = tensor.view(-1) if straight else _WS.get("f32", n, torch.float32, tensor.device)
-            _fused.decode_into(rows, final, c, dst)
+            _decode_rows(msg.view(1, -1), scale, rank, c, dst)
+        _wait(work, rank, w, what)
+        rows = out.view(w, c8 + 4)
+        final = _bytes_scale(rows[:, c8:])
+        if use_fused:
+            _decode_rows(rows[:rank], final[:rank], 0, c, dst)
+            _decode_rows(rows[rank + 1 :], final[rank + 1 :], rank + 1, c, dst)
             if not straight:
                 tensor.copy_(dst.view(tensor.shape))
         elif straight and n == padded_numel(n, w):
