@@ -7,8 +7,10 @@ In one run, 2 gloo ranks on CPU, one intra-op thread per rank:
   Compressed bytes are counted by the collective itself (``CommStats``); fp32 bytes are the
   bandwidth-optimal ring figure ``2 (W-1)/W * 4n`` (gloo's own algorithm sends at least that).
   Times: the median of ``--reps`` calls, the collectives interleaved so that machine noise falls
-  on all of them. The compressed call is timed twice: as it runs by default (ds-native's fused CPU
-  kernels) and with ``fused=False`` (the same arithmetic in torch ops, bitwise the same result).
+  on all of them. The compressed call is timed three ways: as it runs by default (ds-native's fused
+  CPU kernels, error buffers exact after each call), with deferred error updates (``pending=``, as
+  the 1-bit optimizers call it: one memory pass less over each error buffer, bitwise the same
+  result) and with ``fused=False`` (the same arithmetic in torch ops, bitwise the same result).
   Beside wall time, each call's CPU time (``time.process_time``: this rank's threads, gloo's
   included), which time spent descheduled or waiting for the other rank does not inflate: on a
   shared machine the wall figures mostly measure the other jobs.
@@ -16,10 +18,14 @@ In one run, 2 gloo ranks on CPU, one intra-op thread per rank:
   ``"OneBitAdam"`` (in its compression phase: ``freeze_step`` 2, timed after it) against ``"AdamW"``
   (the engine's plain all-reduce), the median optimizer-step wall time (forward + backward + step).
 
-``--json PATH`` writes ``{"sizes": {n: {"bytes_ratio_vs_fp32", "time_ratio_vs_allreduce",
-"cpu_time_ratio_vs_allreduce", ...}}, "step_time_vs_adamw", "meta"}``.
+``--profile`` instead times each fused kernel alone (one process, one thread, 16M elements, as one
+rank of two sees them) beside torch's copy / sum / add over the same bytes, with the bytes each
+kernel moves: what each pass costs against the machine's memory bandwidth.
 
-    python benchmarks/onebit.py [--quick] [--json PATH] [--reps 5] [--steps 20] [--sizes 16M,64M]
+``--json PATH`` writes ``{"sizes": {n: {"bytes_ratio_vs_fp32", "time_ratio_vs_allreduce",
+"time_ratio_deferred_vs_allreduce", "cpu_time_ratio_vs_allreduce", ...}}, "step_time_vs_adamw", "meta"}``.
+
+    python benchmarks/onebit.py [--quick] [--json PATH] [--reps 5] [--steps 20] [--sizes 16M,64M] [--profile]
 """
 
 from __future__ import annotations
@@ -43,7 +49,13 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
-from onebit_comm import CommStats, compressed_allreduce, error_buffers, fp32_allreduce_bytes  # noqa: E402
+from onebit_comm import (  # noqa: E402
+    CommStats,
+    PendingErrors,
+    compressed_allreduce,
+    error_buffers,
+    fp32_allreduce_bytes,
+)
 
 WORLD = 2
 
@@ -93,13 +105,21 @@ def _collectives(rank: int, sizes: list[int], reps: int) -> dict[int, dict[str, 
         x = torch.randn(n, generator=torch.Generator().manual_seed(rank))
         we, se = error_buffers(n, WORLD)
         we_t, se_t = error_buffers(n, WORLD)
+        we_d, se_d = error_buffers(n, WORLD)
+        pending = PendingErrors()
         stats = CommStats()
-        runs: dict[str, list[tuple[float, float]]] = {"fp32": [], "onebit": [], "onebit_torch_path": []}
+        runs: dict[str, list[tuple[float, float]]] = {
+            "fp32": [],
+            "onebit": [],
+            "onebit_deferred": [],
+            "onebit_torch_path": [],
+        }
         for i in range(reps + 1):  # the first call of each warms up (allocations, gloo connections)
-            a, b, c = x.clone(), x.clone(), x.clone()
+            a, b, c, d = x.clone(), x.clone(), x.clone(), x.clone()
             got = {
                 "fp32": _timed(dist.all_reduce, a),
                 "onebit": _timed(compressed_allreduce, b, we, se, stats=stats),
+                "onebit_deferred": _timed(compressed_allreduce, d, we_d, se_d, pending=pending),
                 # the same arithmetic in torch ops (bitwise the same result)
                 "onebit_torch_path": _timed(compressed_allreduce, c, we_t, se_t, fused=False),
             }
@@ -185,26 +205,30 @@ def _cpu_name() -> str:
 def report(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     print(f"compressed_allreduce vs dist.all_reduce (fp32), {WORLD} gloo ranks, median of {args.reps}")
     print(
-        f"{'elements':>10} {'fp32 MB':>9} {'1-bit MB':>9} {'bytes ratio':>11} {'fp32 ms':>9} {'1-bit ms':>9} "
-        f"{'time ratio':>10} {'torch-ops ms':>12} {'ratio':>6} | {'CPU ms: fp32':>12} {'1-bit':>6} {'ratio':>6}"
+        f"{'elements':>10} {'fp32 MB':>8} {'1-bit MB':>8} {'bytes':>6} {'fp32 ms':>8} {'1-bit ms':>8} {'ratio':>6} "
+        f"{'deferred':>8} {'ratio':>6} {'torch-ops':>9} {'ratio':>6} | {'CPU ms: fp32':>12} {'1-bit':>6} {'ratio':>6} "
+        f"{'deferred':>8} {'ratio':>6}"
     )
     sizes = {}
     for n, c in res["collectives"].items():
         br, tr = c["onebit_bytes"] / c["fp32_bytes"], c["onebit_s"] / c["fp32_s"]
-        tt = c["onebit_torch_path_s"] / c["fp32_s"]
-        cr = c["onebit_cpu_s"] / c["fp32_cpu_s"]
+        td, tt = c["onebit_deferred_s"] / c["fp32_s"], c["onebit_torch_path_s"] / c["fp32_s"]
+        cr, cd = c["onebit_cpu_s"] / c["fp32_cpu_s"], c["onebit_deferred_cpu_s"] / c["fp32_cpu_s"]
         sizes[str(n)] = {
             "bytes_ratio_vs_fp32": br,
             "time_ratio_vs_allreduce": tr,
+            "time_ratio_deferred_vs_allreduce": td,
             "time_ratio_torch_path_vs_allreduce": tt,
             "cpu_time_ratio_vs_allreduce": cr,
+            "cpu_time_ratio_deferred_vs_allreduce": cd,
             **c,
         }
         print(
-            f"{n:>10} {c['fp32_bytes'] / 1e6:>9.2f} {c['onebit_bytes'] / 1e6:>9.3f} {br:>11.4f} "
-            f"{c['fp32_s'] * 1e3:>9.2f} {c['onebit_s'] * 1e3:>9.2f} {tr:>10.3f} "
-            f"{c['onebit_torch_path_s'] * 1e3:>12.2f} {tt:>6.3f} | {c['fp32_cpu_s'] * 1e3:>12.2f} "
-            f"{c['onebit_cpu_s'] * 1e3:>6.2f} {cr:>6.3f}"
+            f"{n:>10} {c['fp32_bytes'] / 1e6:>8.2f} {c['onebit_bytes'] / 1e6:>8.3f} {br:>6.4f} "
+            f"{c['fp32_s'] * 1e3:>8.2f} {c['onebit_s'] * 1e3:>8.2f} {tr:>6.3f} "
+            f"{c['onebit_deferred_s'] * 1e3:>8.2f} {td:>6.3f} "
+            f"{c['onebit_torch_path_s'] * 1e3:>9.2f} {tt:>6.3f} | {c['fp32_cpu_s'] * 1e3:>12.2f} "
+            f"{c['onebit_cpu_s'] * 1e3:>6.2f} {cr:>6.3f} {c['onebit_deferred_cpu_s'] * 1e3:>8.2f} {cd:>6.3f}"
         )
     st = res["steps"]
     ratio = st["OneBitAdam"] / st["AdamW"]
@@ -224,8 +248,50 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
             "backend": "gloo",
             "quick": args.quick,
             "command": " ".join(sys.argv),
+            "load_average": os.getloadavg(),
         },
     }
+
+
+def profile_kernels(n: int = 1 << 24, reps: int = 9) -> None:
+    """Per-kernel times, one process, one thread: rank 0's view of a 2-rank call on ``n`` fp32 elements."""
+    from ds_native import onebit as k
+
+    torch.set_num_threads(1)
+    c = n // WORLD
+    g = torch.Generator().manual_seed(0)
+    x, src, dst, out = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.empty(n), torch.empty(n)
+    err, se = torch.randn(n, generator=g) * 0.1, torch.randn(c, generator=g) * 0.1
+    bits = torch.randint(0, 256, (WORLD, c // 8 + 4), dtype=torch.uint8, generator=g)
+    mine = torch.empty(1, c // 8 + 4, dtype=torch.uint8)
+    sc, w8, valid = [0.1] * WORLD, [0.05] * WORLD, [c] * WORLD
+    mb = n * 4 / 1e6  # one fp32 pass over the tensor
+    rows: list[tuple[str, float, Any]] = [
+        ("torch dst.copy_(src)", 3 * mb, lambda: dst.copy_(src)),
+        ("torch src.sum()", mb, lambda: src.sum()),
+        ("torch dst.add_(src)", 3 * mb, lambda: dst.add_(src)),
+        ("worker compensate_ (err += x, sums)", 3 * mb, lambda: k.compensate_(x, err, WORLD)),
+        ("worker pack_ (signs, err update)", 2 * mb, lambda: k.pack_(err, WORLD, bits, sc, valid)),
+        ("worker compress_deferred_ (one pass)", 3 * mb, lambda: k.compress_deferred_(x, err, WORLD, bits, sc, valid)),
+        ("server server_accumulate_ (old pass 1)", mb, lambda: k.server_accumulate_(bits, w8, se, c)),
+        ("server pack_ (old pass 2)", mb, lambda: k.pack_(se, 1, mine, [0.1], [c])),
+        ("server server_sum_squares (read-only)", mb / 2, lambda: k.server_sum_squares(bits, w8, se, c)),
+        ("server server_pack_", mb, lambda: k.server_pack_(bits, w8, se, c, mine, 0.1)),
+        ("server server_deferred_ (one pass)", mb, lambda: k.server_deferred_(bits, w8, se, c, mine, 0.1)),
+        ("decode (streaming stores)", mb, lambda: k.decode(bits, sc, c, out)),
+    ]
+    best = {name: float("inf") for name, _, _ in rows}
+    for _ in range(reps):  # interleaved, best of reps: the other jobs' noise falls on every row
+        for name, _, fn in rows:
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    print(
+        f"one process, 1 thread, {n:,} fp32 elements ({WORLD} chunks of {c:,}), best of {reps}; load {os.getloadavg()}"
+    )
+    print(f"{'kernel':<42} {'MB moved':>9} {'ms':>7} {'GB/s':>6}")
+    for name, moved, _ in rows:
+        print(f"{name:<42} {moved:>9.0f} {best[name] * 1e3:>7.2f} {moved / 1e3 / best[name]:>6.1f}")
 
 
 def main() -> None:
@@ -236,8 +302,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-model", type=int, default=256)
+    ap.add_argument("--profile", action="store_true", help="time each fused kernel alone (one process) and exit")
     ap.add_argument("--sizes", help="comma-separated element counts, M = 2**20 (e.g. 16M,64M); default per --quick")
     args = ap.parse_args()
+    if args.profile:
+        profile_kernels()
+        return
     if args.sizes:
         args.sizes = [
             int(float(x[:-1]) * (1 << 20)) if x.upper().endswith("M") else int(x) for x in args.sizes.split(",")

@@ -52,6 +52,28 @@ def test_compensate_pack_decode_against_numpy(isa: str) -> None:
     np.testing.assert_array_equal(dec.numpy(), (sign * np.array(scales, dtype=np.float32)[:, None]).reshape(-1)[:numel])
 
 
+def test_server_two_passes_equal_accumulate_then_pack(isa: str) -> None:
+    w, c, valid = 3, 140_000, 139_993
+    g = torch.Generator().manual_seed(4)
+    bits = torch.randint(0, 256, (w, c // 8 + 4), dtype=torch.uint8, generator=g)
+    scales = [0.25, 0.5, 0.125]
+    se_a = torch.randn(c, generator=g) * 0.01
+    se_a[valid:] = 0
+    se_b = se_a.clone()
+    out_a = torch.full((1, c // 8 + 4), 9, dtype=torch.uint8)
+    out_b = out_a.clone()
+    total_a = onebit.server_accumulate_(bits, scales, se_a, valid)
+    compensated = se_a.numpy().copy()
+    onebit.pack_(se_a, 1, out_a, [0.03], [valid])
+    before = se_b.clone()
+    total_b = onebit.server_sum_squares(bits, scales, se_b, valid)
+    assert torch.equal(se_b, before)  # the first pass only reads
+    onebit.server_pack_(bits, scales, se_b, valid, out_b, 0.03)
+    assert total_a == total_b == _fixed_order_sum_squares(compensated)
+    assert torch.equal(se_a, se_b)
+    assert torch.equal(out_a, out_b)  # the 4 bytes past the signs untouched on both
+
+
 def test_server_accumulate_against_numpy(isa: str) -> None:
     w, c, valid = 4, 140_000, 139_993
     g = torch.Generator().manual_seed(1)
@@ -68,6 +90,37 @@ def test_server_accumulate_against_numpy(isa: str) -> None:
     avg[valid:] = 0
     np.testing.assert_array_equal(se.numpy(), before + avg)
     assert total == pytest.approx(float((se.double() ** 2).sum()), rel=1e-6)
+
+
+def _fixed_order_sum_squares(x: np.ndarray) -> float:
+    """The kernels' documented order, in numpy float32/float64 steps (ds_native.onebit's docstring)."""
+    total = 0.0
+    for p in range(0, x.size, 1 << 16):
+        piece_total = 0.0
+        piece = x[p : p + (1 << 16)]
+        for b in range(0, piece.size, 1024):
+            block = piece[b : b + 1024]
+            sq = np.zeros(-(-block.size // 64) * 64, dtype=np.float32)
+            sq[: block.size] = block * block  # fp32 squares; missing elements count as +0
+            lanes = np.zeros(64, dtype=np.float32)
+            for g in sq.reshape(-1, 64):
+                lanes = lanes + g
+            for w in (32, 16, 8, 4, 2, 1):
+                lanes[:w] = lanes[:w] + lanes[w : 2 * w]
+            piece_total += float(lanes[0])
+        total += piece_total
+    return total
+
+
+@pytest.mark.parametrize("n", [1, 63, 1024 + 17, 200_003])
+def test_sum_squares_is_the_documented_order_on_every_isa(isa: str, n: int) -> None:
+    # Not just close to the float64 sum: the exact fp32/double sequence, so every ISA gives these bits.
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).numpy()
+    want = _fixed_order_sum_squares(x)
+    assert onebit.sum_squares(torch.from_numpy(x)) == want
+    assert want == pytest.approx(float((x.astype(np.float64) ** 2).sum()), rel=1e-6)
+    # The fused worker side sums the same way over what it computes (here err = 0 + x).
+    assert onebit.compensate_(torch.from_numpy(x), torch.zeros(-(-n // 8) * 8), 1) == [want]
 
 
 def test_sums_do_not_depend_on_threads() -> None:

@@ -14,7 +14,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from onebit_comm import CommStats, OneBitAdam, OneBitLamb, ZeroOneAdam, compressed_allreduce, error_buffers
+from onebit_comm import (
+    CommStats,
+    OneBitAdam,
+    OneBitLamb,
+    PendingErrors,
+    ZeroOneAdam,
+    compressed_allreduce,
+    error_buffers,
+)
 
 # (shape) cases: sizes that are and are not multiples of 8 x world size, 2-D, tiny, empty.
 SHAPES: list[tuple[int, ...]] = [(4096,), (1001,), (3, 7), (1,), (0,), (64, 33)]
@@ -251,4 +259,72 @@ def fused_vs_torch_rounds(rank: int, world: int) -> list[tuple[dict[str, Any], d
         assert "fused=True" in str(e)
     else:
         raise AssertionError("fused=True accepted a float64 tensor")
+    return out
+
+
+def deferred_vs_exact_rounds(rank: int, world: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The collective with deferred error updates (``pending=``) against the exact torch path, round by round.
+
+    Per round: both results, the exact path's error buffers, and the deferred buffers as settled
+    (a settled copy; in round 2 the buffers themselves are settled in place, so the next round
+    starts from settled buffers with nothing pending). Sizes with padding and several 64 Ki pieces.
+    """
+    out = []
+    for case, (shape, dtype) in enumerate(
+        (((300_001,), torch.float32), ((513, 257), torch.bfloat16), ((1001,), torch.float32))
+    ):
+        n = int(torch.Size(shape).numel())
+        exact, lazy = error_buffers(n, world), error_buffers(n, world)
+        pending = PendingErrors()
+        for rnd in range(4):
+            x = make_input(rank, 20 + case, rnd, shape).to(dtype)
+            y_exact, y_lazy = x.clone(), x.clone()
+            compressed_allreduce(y_exact, *exact, fused=False)
+            compressed_allreduce(y_lazy, *lazy, pending=pending)
+            assert pending.active and pending.scales.shape == (world + 1,)
+            if rnd == 2:
+                pending.settle_(*lazy, n)
+                assert not pending.active
+                settled = lazy
+            else:
+                settled = (lazy[0].clone(), lazy[1].clone())
+                PendingErrors(pending.scales.clone()).settle_(*settled, n)
+            out.append(
+                (
+                    {"result": y_exact.float().numpy(), "we": exact[0].numpy().copy(), "se": exact[1].numpy().copy()},
+                    {
+                        "result": y_lazy.float().numpy(),
+                        "we": settled[0].numpy().copy(),
+                        "se": settled[1].numpy().copy(),
+                    },
+                )
+            )
+    return out
+
+
+def deferred_vs_exact_training(rank: int, world: int, name: str, kw: dict[str, Any], steps: int) -> dict[str, Any]:
+    """The same training with the optimizer's deferred error updates on and off; a state_dict taken mid-way.
+
+    Returns per mode the final parameters and the error buffers of the mid-way and final state_dicts
+    (state_dict settles a deferred update, and training goes on from the settled buffers).
+    """
+    torch.set_num_threads(1)
+    out = {}
+    for defer in (True, False):
+        torch.manual_seed(0)
+        model = TinyGPT()
+        opt, _ = _make_optimizer(name, model.parameters(), kw)
+        opt.defer_error_updates = defer
+        snaps = []
+        for step in range(steps):
+            x, y = batch(step, rank)
+            opt.zero_grad(set_to_none=True)
+            model(x, y).backward()
+            opt.step()
+            if step in (steps // 2, steps - 1):
+                sd = opt.state_dict()["state"]
+                assert all("error_pending_scales" not in st for st in sd.values())
+                snaps.append({f"{i}/{k}": st[k].numpy().copy() for i, st in sd.items() for k in st if "error" in k})
+        out[str(defer)] = {"params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()}
+        out[str(defer)].update({f"snap{j}/{k}": v for j, s in enumerate(snaps) for k, v in s.items()})
     return out

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import ds_native
+from onebit_comm import PendingErrors
 from onebit_comm import compress as C
 from onebit_comm import fused as F
 from zero_testkit import run_distributed
@@ -132,3 +133,57 @@ def test_collective_fused_equals_torch_path_on_two_ranks() -> None:
         for i, (a, b) in enumerate(rounds):
             for key in a:
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"rank {rank} round {i} {key}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_deferred_error_updates_are_bitwise_the_exact_path(world: int) -> None:
+    res = run_distributed(oc.deferred_vs_exact_rounds, world, timeout=180)
+    for rank, rounds in enumerate(res):
+        for i, (exact, lazy) in enumerate(rounds):
+            for key in exact:
+                np.testing.assert_array_equal(lazy[key], exact[key], err_msg=f"rank {rank} round {i} {key}")
+
+
+def test_deferred_kernels_settle_to_the_exact_buffers(isa: str) -> None:
+    # Single process, every ISA: compress_deferred_ / server_deferred_ then settle_ == the exact kernels.
+    w, n = 3, 200_003
+    valid = C.valid_counts(n, w)
+    c, c8 = C.chunk_numel(n, w), C.chunk_numel(n, w) // 8
+    g = torch.Generator().manual_seed(9)
+    err_exact = torch.zeros(C.padded_numel(n, w))
+    err_exact[:n] = torch.randn(n, generator=g) * 0.1
+    err_lazy = err_exact.clone()
+    prev = None
+    for rnd in range(3):
+        x = _input(n, 10 + rnd)
+        b_exact = torch.zeros(w, c8 + 4, dtype=torch.uint8)
+        b_lazy = torch.zeros_like(b_exact)
+        s_exact = F.compress_into_(x, err_exact, valid, b_exact)
+        s_lazy = F.compress_deferred_into_(x, err_lazy, valid, b_lazy, prev)
+        assert torch.equal(s_lazy, s_exact) and torch.equal(b_lazy, b_exact)
+        prev = s_lazy
+        settled = err_lazy.clone()
+        F.settle_(settled, w, prev, valid)
+        assert torch.equal(settled, err_exact)
+    recv = torch.randint(0, 256, (w, c8 + 4), dtype=torch.uint8, generator=g)
+    rs = torch.rand(w, generator=g) + 0.5
+    se_exact = torch.zeros(c)
+    se_exact[: valid[2]] = torch.randn(valid[2], generator=g) * 0.01
+    se_lazy, sprev = se_exact.clone(), None
+    for _ in range(3):
+        o_exact = torch.zeros(1, c8 + 4, dtype=torch.uint8)
+        o_lazy = torch.zeros_like(o_exact)
+        t_exact = F.server_into_(recv, rs, se_exact, valid[2], o_exact)
+        t_lazy = F.server_deferred_into_(recv, rs, se_lazy, valid[2], o_lazy, sprev)
+        assert torch.equal(t_lazy, t_exact) and torch.equal(o_lazy, o_exact)
+        sprev = t_lazy
+        settled = se_lazy.clone()
+        F.settle_(settled, 1, sprev, [valid[2]])
+        assert torch.equal(settled, se_exact)
+
+
+def test_pending_errors_of_another_world_size_are_refused() -> None:
+    # Scales recorded for 2 ranks, settled in a single process (a group of 1): a clear error.
+    with pytest.raises(ValueError, match="2 worker scales recorded, the group has 1 ranks"):
+        PendingErrors(torch.zeros(3)).settle_(torch.zeros(16), torch.zeros(16), 10)
+    PendingErrors().settle_(torch.zeros(16), torch.zeros(16), 10)  # nothing pending: a no-op

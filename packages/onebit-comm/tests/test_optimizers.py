@@ -265,3 +265,18 @@ def test_rebuilt_from_defaults_keeps_every_setting(cls: type, kw: dict[str, Any]
     again = cls([_param()], **{k: v for k, v in opt.defaults.items() if k in accepted})
     for k, v in kw.items():
         assert getattr(again, k) == v, k
+
+
+@pytest.mark.parametrize(
+    ("name", "kw"),
+    [("OneBitAdam", {"lr": 1e-3, "freeze_step": 3}), ("ZeroOneAdam", {"lr": 1e-3, "var_freeze_step": 3})],
+)
+def test_deferred_error_updates_train_bitwise_as_exact_ones(name: str, kw: dict[str, Any]) -> None:
+    # The fused path defers each error-buffer update to the next step; parameters and the error
+    # buffers in state_dicts (mid-way and at the end) must be those of exact updates, bit for bit.
+    res = run_distributed(oc.deferred_vs_exact_training, 2, name, kw, 10, timeout=240)
+    for rank, r in enumerate(res):
+        lazy, exact = r["True"], r["False"]
+        assert sorted(lazy) == sorted(exact) and any("worker_error" in k for k in lazy), sorted(lazy)
+        for key in exact:
+            np.testing.assert_array_equal(lazy[key], exact[key], err_msg=f"rank {rank} {name} {key}")

@@ -9,7 +9,7 @@ Works on any torch.distributed backend (gloo on CPU, NCCL on GPUs):
   parameter names.
 """
 
-from onebit_comm.allreduce import CommStats, compressed_allreduce, error_buffers
+from onebit_comm.allreduce import CommStats, PendingErrors, compressed_allreduce, error_buffers
 from onebit_comm.compress import compressed_bytes, fp32_allreduce_bytes, reference_compressed_allreduce
 from onebit_comm.optim import COMM_BACKEND_NAMES, CompressedOptimizer, OneBitAdam, OneBitLamb, ZeroOneAdam
 
@@ -21,6 +21,7 @@ __all__ = [
     "CompressedOptimizer",
     "OneBitAdam",
     "OneBitLamb",
+    "PendingErrors",
     "ZeroOneAdam",
     "__version__",
     "compressed_allreduce",

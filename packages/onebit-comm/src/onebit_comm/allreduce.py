@@ -18,7 +18,9 @@ only lays out and moves bytes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,7 +37,7 @@ from onebit_comm.compress import (
     valid_counts,
 )
 
-__all__ = ["CommStats", "compressed_allreduce", "error_buffers"]
+__all__ = ["CommStats", "PendingErrors", "compressed_allreduce", "error_buffers"]
 
 
 @dataclass
@@ -53,6 +55,58 @@ class CommStats:
         """Start counting from zero."""
         self.bytes_sent = 0
         self.calls = 0
+
+
+@dataclass
+class PendingErrors:
+    """Error updates that :func:`compressed_allreduce` deferred, for one ``(worker_error, server_error)`` pair.
+
+    [Note: deferred error updates] Each side of the collective compensates its error buffer
+    (``c = error + input``), needs the scale of the whole chunk (the RMS of ``c``) before it can write
+    the new error ``c - scale * sign(c)``, and so crosses the buffer twice. With ``pending=`` the
+    call leaves ``c`` in the buffers and records the scales here; the next call applies them in the
+    same pass that reads the buffer (one memory pass per buffer per call). The signs, scales, result
+    and bytes are bitwise those of the exact call, and :meth:`settle_` turns the buffers into exactly
+    the errors the exact calls would have left. Only the fused CPU kernels defer; on any other path
+    the call settles first and runs exactly.
+
+    ``scales`` is None (nothing deferred: the buffers hold errors) or fp32 ``[W + 1]``: the W worker
+    chunks' scales, then this rank's server chunk's. Keep one per error-buffer pair, next to it
+    (the 1-bit optimizers keep it in their state, so checkpoints carry it with the buffers).
+    """
+
+    scales: torch.Tensor | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the buffers hold compensated values waiting for :meth:`settle_`."""
+        return self.scales is not None
+
+    def settle_(
+        self,
+        worker_error: torch.Tensor,
+        server_error: torch.Tensor,
+        numel: int,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        """Apply the deferred updates now: the buffers hold the errors again (and nothing is pending).
+
+        ``numel``: the elements of the tensor they belong to; ``group`` the collective's (for this
+        rank's chunk). No-op when nothing is pending.
+        """
+        if self.scales is None:
+            return
+        rank, w = _world(group)
+        if self.scales.numel() != w + 1:
+            raise ValueError(
+                f"PendingErrors.settle_: {self.scales.numel() - 1} worker scales recorded, the group has {w} ranks"
+            )
+        _check_buffers(torch.empty(numel, device=worker_error.device), worker_error, server_error, w)
+        valid = valid_counts(numel, w)
+        scales = self.scales.to(torch.float32)
+        _fused.settle_(worker_error, w, scales[:w], valid)
+        _fused.settle_(server_error, 1, scales[w:], [valid[rank]])
+        self.scales = None
 
 
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -105,6 +159,28 @@ def _bytes_scale(raw: torch.Tensor) -> torch.Tensor:
     return raw.contiguous().view(torch.float32).view(-1)
 
 
+def _start(launch: Callable[[], Any], rank: int, w: int, what: str) -> Any:
+    """Start an async collective; a failure names the rank and the operation."""
+    try:
+        return launch()
+    except RuntimeError as e:
+        raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: {what} failed: {e}") from e
+
+
+def _wait(work: Any, rank: int, w: int, what: str) -> None:
+    try:
+        work.wait()
+    except RuntimeError as e:
+        raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: {what} failed: {e}") from e
+
+
+def _decode_rows(bits: torch.Tensor, scales: torch.Tensor, first: int, c: int, dst: torch.Tensor) -> None:
+    """Decode chunks ``first .. first + len(scales)`` (message rows ``bits``) into their place in flat ``dst``."""
+    start, stop = first * c, min((first + scales.numel()) * c, dst.numel())
+    if scales.numel() and stop > start:
+        _fused.decode_into(bits, scales, c, dst[start:stop])
+
+
 def compressed_allreduce(
     tensor: torch.Tensor,
     worker_error: torch.Tensor,
@@ -113,6 +189,7 @@ def compressed_allreduce(
     *,
     stats: CommStats | None = None,
     fused: bool | None = None,
+    pending: PendingErrors | None = None,
 ) -> torch.Tensor:
     """Average ``tensor`` over ``group`` with 1-bit compression and error feedback; in place, returned.
 
@@ -125,6 +202,11 @@ def compressed_allreduce(
     ``fused``: None (default) uses ds-native's fused CPU kernels where they apply (CPU fp32/bf16/fp16
     tensors, :mod:`onebit_comm.fused`) and torch ops elsewhere; False forces the torch ops; True
     requires the kernels. Both give bitwise the same result, error buffers and bytes.
+
+    ``pending``: defer the error updates (see :class:`PendingErrors`): on the fused path the buffers
+    are then left holding the compensated values and ``pending`` the scales that settle them, which
+    saves one memory pass over each buffer; the result is bitwise the same. Elsewhere the call
+    settles ``pending`` and runs exactly.
     """
     rank, w = _world(group)
     n = tensor.numel()
@@ -140,6 +222,18 @@ def compressed_allreduce(
     c = chunk_numel(n, w)
     c8 = c // 8
     valid = valid_counts(n, w)
+    deferred = pending is not None and use_fused
+    prev = None
+    if pending is not None and pending.active:
+        if pending.scales.numel() != w + 1:
+            raise ValueError(
+                f"compressed_allreduce rank {rank}/{w}: pending holds {pending.scales.numel() - 1} worker scales, "
+                f"the group has {w} ranks (a PendingErrors belongs to one tensor on one group)"
+            )
+        if deferred:
+            prev = pending.scales.to(torch.float32)
+        else:
+            pending.settle_(worker_error, server_error, n, group)
     # Message buffers are reused from call to call (see compress.py, [Note: why scratch buffers]):
     # a fresh one costs page faults on first touch. Row j of `send` goes to rank j: sign bytes, then
     # the 4 bytes of its scale, so each chunk is one message.
@@ -148,37 +242,55 @@ def compressed_allreduce(
     msg = _WS.get("msg", c8 + 4, torch.uint8, tensor.device)
     out = _WS.get("gather", w * (c8 + 4), torch.uint8, tensor.device)
     with torch.no_grad():
-        if use_fused:
-            scales = _fused.compress_into_(tensor.detach(), worker_error, valid, send)
+        # [Note: overlap] Signs need no scale. On the exact fused path each side writes its signs
+        # in its first pass and does its error update (a pass over the error buffer) while those
+        # bytes travel; and every fused path decodes this rank's own chunk during the all-gather.
+        if deferred:
+            scales = _fused.compress_deferred_into_(
+                tensor.detach(), worker_error, valid, send, None if prev is None else prev[:w]
+            )
+        elif use_fused:
+            scales = _fused.compress_signs_into_(tensor.detach(), worker_error, valid, send)
         else:
             packed, scales = compress_chunks_(tensor.detach(), worker_error, n, w)
             send[:, :c8] = packed
         send[:, c8:] = _scale_bytes(scales)
 
         # Phase 1: chunk j goes to rank j.
-        try:
-            dist.all_to_all_single(recv, send, group=group)
-        except RuntimeError as e:
-            raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: phase 1 all_to_all_single failed: {e}") from e
+        what = "phase 1 all_to_all_single"
+        work = _start(lambda: dist.all_to_all_single(recv, send, group=group, async_op=True), rank, w, what)
+        if use_fused and not deferred:
+            _fused.settle_(worker_error, w, scales, valid)
+        _wait(work, rank, w, what)
         got = _bytes_scale(recv[:, c8:])
-        if use_fused:
-            scale = _fused.server_into_(recv, got, server_error, valid[rank], msg.view(1, -1))
+        if deferred:
+            scale = _fused.server_deferred_into_(
+                recv, got, server_error, valid[rank], msg.view(1, -1), None if prev is None else prev[w:]
+            )
+            pending.scales = torch.cat([scales, scale])
+        elif use_fused:
+            scale = _fused.server_signs_into_(recv, got, server_error, valid[rank], msg.view(1, -1))
         else:
             mine, scale = server_average(recv[:, :c8], got, server_error, valid[rank])
             msg[:c8] = mine
         msg[c8:] = _scale_bytes(scale).view(-1)
 
         # Phase 2: every rank collects every owner's recompressed chunk.
-        try:
-            _all_gather(out, msg, group=group)
-        except RuntimeError as e:
-            raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: phase 2 all_gather failed: {e}") from e
-        rows = out.view(w, c8 + 4)
-        final = _bytes_scale(rows[:, c8:])
+        what = "phase 2 all_gather"
+        work = _start(lambda: _all_gather(out, msg, group=group, async_op=True), rank, w, what)
         straight = tensor.dtype == torch.float32 and tensor.is_contiguous()
         if use_fused:
+            if not deferred:
+                scratch = _WS.get("signs", c8 + 4, torch.uint8, tensor.device).view(1, -1)
+                _fused.server_settle_(recv, got, server_error, valid[rank], scale, scratch)
             dst = tensor.view(-1) if straight else _WS.get("f32", n, torch.float32, tensor.device)
-            _fused.decode_into(rows, final, c, dst)
+            _decode_rows(msg.view(1, -1), scale, rank, c, dst)
+        _wait(work, rank, w, what)
+        rows = out.view(w, c8 + 4)
+        final = _bytes_scale(rows[:, c8:])
+        if use_fused:
+            _decode_rows(rows[:rank], final[:rank], 0, c, dst)
+            _decode_rows(rows[rank + 1 :], final[rank + 1 :], rank + 1, c, dst)
             if not straight:
                 tensor.copy_(dst.view(tensor.shape))
         elif straight and n == padded_numel(n, w):

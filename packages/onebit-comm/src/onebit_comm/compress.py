@@ -163,10 +163,11 @@ def scales_from_sum_squares(sumsq: list[float], valid: list[int]) -> torch.Tenso
 def _scales(x: torch.Tensor, valid: list[int]) -> torch.Tensor:
     """Per-row RMS over the real elements of ``x`` ``[rows, C]`` (padding is zero); 0 for an all-padding row.
 
-    [Note: the scale's reduction] On CPU the sum of squares is ds-native's (fp32 squares, double
-    accumulation over fixed 64 Ki pieces): the fused kernels compute exactly that sum in the same pass
-    that writes the values, so the torch path and the fused path agree bit for bit. Elsewhere (CUDA)
-    it is torch's ``vector_norm``; those tensors never take the fused path.
+    [Note: the scale's reduction] On CPU the sum of squares is ``ds_native.onebit.sum_squares`` (fp32
+    squares added in a fixed order inside 1 Ki blocks, double sums over fixed 64 Ki pieces; the same
+    bits on every ISA): the fused kernels compute exactly that sum while they write the values, so the
+    torch path and the fused path agree bit for bit. Elsewhere (CUDA) it is torch's ``vector_norm``;
+    those tensors never take the fused path.
     """
     if x.device.type == "cpu":
         sumsq = [_ds_onebit.sum_squares(row) for row in x]

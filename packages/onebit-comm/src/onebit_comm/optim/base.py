@@ -15,6 +15,16 @@ the world size (the padded tensor, one chunk). They live in ``self.state[p]`` (s
 ``state_dict`` round-trips them), and :meth:`rank_local_state_keys` names them so that a sharded
 checkpoint saves them per rank rather than as per-element state. They can only be put back on the
 same number of ranks: loading them elsewhere is an error (see :meth:`load_rank_local_state`).
+
+[Note: deferred error updates in the optimizers] On the fused CPU path the step calls the collective
+with ``pending=`` (onebit_comm.allreduce, [Note: deferred error updates]), which saves a memory
+pass over each error buffer. Between steps the buffers then hold compensated values and
+``state[p]["error_pending_scales"]`` the scales that settle them. Everything that hands the state
+out settles it first (:meth:`state_dict`, :meth:`rank_local_state`, :meth:`settle_errors`), so
+checkpoints hold the exact errors, bitwise those of the exact path; and because the scales live in
+the same state dict as the buffers, any path that moves the state moves both. Read
+``state[p]["worker_error"]`` directly only after :meth:`settle_errors`. ``defer_error_updates =
+False`` (per instance or class) keeps the buffers exact after every step.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from onebit_comm.allreduce import CommStats, compressed_allreduce, error_buffers
+from onebit_comm.allreduce import CommStats, PendingErrors, compressed_allreduce, error_buffers
 from onebit_comm.compress import padded_numel
 
 __all__ = ["COMM_BACKEND_NAMES", "CompressedOptimizer"]
@@ -34,12 +44,15 @@ __all__ = ["COMM_BACKEND_NAMES", "CompressedOptimizer"]
 # backend" (gloo, NCCL, ...): the compressed collective is written with torch.distributed only.
 COMM_BACKEND_NAMES = ("nccl", "mpi", "hccl", "compressed", "gloo")
 _ERROR_KEYS = ("worker_error", "server_error")
+_PENDING_KEY = "error_pending_scales"
 
 
 class CompressedOptimizer(torch.optim.Optimizer):
     """Base of :class:`OneBitAdam`, :class:`ZeroOneAdam` and :class:`OneBitLamb` (see the module notes)."""
 
     communicates_gradients = True
+    #: Defer the error-buffer updates between steps (see the module notes); False keeps them exact.
+    defer_error_updates = True
 
     def __init__(
         self,
@@ -206,13 +219,49 @@ class CompressedOptimizer(torch.optim.Optimizer):
         n = self.real_numel(p)
         if "worker_error" not in state:
             state["worker_error"], state["server_error"] = error_buffers(n, self.world_size, buf.device)
+            state.pop(_PENDING_KEY, None)  # fresh buffers hold errors (zeros)
+        pending = PendingErrors(state.get(_PENDING_KEY))
+        if not self.defer_error_updates:
+            pending.settle_(state["worker_error"], state["server_error"], n, self.process_group)
         compressed_allreduce(
-            buf.view(-1)[:n], state["worker_error"], state["server_error"], self.process_group, stats=self.stats
+            buf.view(-1)[:n],
+            state["worker_error"],
+            state["server_error"],
+            self.process_group,
+            stats=self.stats,
+            pending=pending if self.defer_error_updates else None,
         )
+        if pending.active:
+            state[_PENDING_KEY] = pending.scales
+        else:
+            state.pop(_PENDING_KEY, None)
         return buf
+
+    def _settle(self, p: torch.Tensor) -> None:
+        state = self.state.get(p, {})
+        if _PENDING_KEY in state:
+            PendingErrors(state.pop(_PENDING_KEY)).settle_(
+                state["worker_error"], state["server_error"], self.real_numel(p), self.process_group
+            )
+
+    def settle_errors(self) -> None:
+        """Apply deferred error updates: every ``worker_error`` / ``server_error`` holds its exact errors.
+
+        Called by :meth:`state_dict` and :meth:`rank_local_state`; call it before reading the buffers in
+        ``self.state`` directly (see the module notes). Cheap when nothing is pending.
+        """
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._settle(p)
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict, with the error buffers settled first (they hold the exact errors)."""
+        self.settle_errors()
+        return super().state_dict()
 
     def _reset_errors(self, p: torch.Tensor) -> None:
         state = self.state[p]
+        state.pop(_PENDING_KEY, None)
         for k in _ERROR_KEYS:
             if k in state:
                 state[k].zero_()
@@ -224,7 +273,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
         return [k for k in _ERROR_KEYS if k in self.state.get(p, {})]
 
     def rank_local_state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
-        """This rank's rank-local tensors for ``p`` (see :meth:`rank_local_state_keys`)."""
+        """This rank's rank-local tensors for ``p`` (see :meth:`rank_local_state_keys`), error buffers settled."""
+        self._settle(p)
         state = self.state.get(p, {})
         return {k: (p.detach() if k == "param" else state[k]) for k in self.rank_local_state_keys(p)}
 
@@ -246,6 +296,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
                 f"(load_optimizer_states=False)"
             )
         state = self.state[p]
+        state.pop(_PENDING_KEY, None)  # the buffers put back hold errors
         for k in saved_keys:
             t = tensors[k]
             if k == "param":
