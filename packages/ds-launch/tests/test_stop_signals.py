@@ -1,0 +1,148 @@
+"""The agent's stop signals ([Note: one-shot stop] in ds_launch/_stop.py): the first signal stops
+the node, a signal swallowed on its way up still stops it, and further signals cannot cut the
+teardown short. The unit tests use SIGUSR1/SIGUSR2 so pytest's own handlers stay untouched."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _dsl_helpers import LAUNCHER, WORKER, alive, free_port, read_reports
+from torch.distributed.elastic.multiprocessing.api import SignalException
+
+from ds_launch._stop import StopState, stop_signals
+from zero_testkit import scaled
+
+pytestmark = pytest.mark.timeout(150)
+
+SHIM = Path(__file__).parent / "scripts" / "signal_in_store_poll.py"
+
+
+@pytest.fixture
+def user_signals(monkeypatch: pytest.MonkeyPatch):
+    """Make SIGUSR1/SIGUSR2 the stop signals for the test; restore their handlers afterwards."""
+    monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGUSR1, SIGUSR2")
+    saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_stop_signals_read_like_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TORCHELASTIC_SIGNALS_TO_HANDLE", raising=False)
+    assert stop_signals() == [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]
+    monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", " SIGTERM,NOT_A_SIGNAL,SIGTERM,SIGUSR1")
+    assert stop_signals() == [signal.SIGTERM, signal.SIGUSR1]
+
+
+def test_first_signal_raises_later_ones_are_ignored(user_signals: None) -> None:
+    stop = StopState()
+    stop.install()
+    with pytest.raises(SignalException) as info:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(5)  # the handler interrupts this at once
+    assert info.value.sigval == signal.SIGUSR1 and stop.stopping.is_set()
+    # The teardown is under way: a second signal of either kind must not raise again.
+    os.kill(os.getpid(), signal.SIGUSR2)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.05)
+    assert stop.signal == signal.SIGUSR1
+    # Where the agent loops, the recorded signal is raised again (in case it was swallowed).
+    with pytest.raises(SignalException) as again:
+        stop.raise_pending()
+    assert again.value.sigval == signal.SIGUSR1
+
+
+def test_signal_after_a_failure_began_the_stop_is_ignored(user_signals: None) -> None:
+    stop = StopState()
+    stop.install()
+    stop.begin()  # a worker failed: the agent is stopping the others and reporting
+    os.kill(os.getpid(), signal.SIGUSR1)
+    time.sleep(0.05)
+    assert stop.signal is None
+    stop.raise_pending()  # nothing recorded: no exception
+
+
+def _wait_all(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    running = [i for i, p in enumerate(procs) if p.poll() is None]
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    errs = [p.communicate()[1] for p in procs]
+    assert not running, f"node(s) {running} still running {timeout:.0f} s after the stop signal:\n" + "\n".join(errs)
+    return errs
+
+
+@pytest.mark.parametrize("mode", ["raise", "swallow"])
+def test_signal_during_store_poll_stops_the_node(tmp_path: Path, launcher_env: dict[str, str], mode: str) -> None:
+    # Two --no_ssh "nodes" on this machine, so each agent polls the store for the abort key.
+    # Node 0's SIGTERM arrives inside that poll (deterministically, see the shim); before the
+    # fix the poll's `except Exception` took it for a store error and node 0 ran on forever.
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
+    out, trigger = tmp_path / "out", tmp_path / "trigger"
+    out.mkdir()
+    port = str(free_port())
+    procs = []
+    for node, prefix in ((0, [sys.executable, str(SHIM), str(trigger), mode]), (1, LAUNCHER)):
+        args = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node), "--master_port", port]
+        args += ["--term_timeout", "2", str(WORKER), str(out), "--hang", "--spawn-child"]
+        procs.append(subprocess.Popen([*prefix, *args], env=launcher_env, stderr=subprocess.PIPE, text=True))
+    try:
+        deadline = time.monotonic() + scaled(90)
+        while len(read_reports(out)) < 2:
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.2)
+        trigger.touch()
+        errs = _wait_all(procs, scaled(40))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 128 + signal.SIGTERM, errs[0]
+    assert "ds-launch: SIGTERM received on host localhost; workers stopped" in errs[0]
+    assert procs[1].returncode == 143, errs[1]  # node 0's store went away: the job is over
+    for r in read_reports(out).values():
+        assert not alive(r["pid"]) and not alive(r["child_pid"]), f"rank {r['rank']} survived"
+
+
+def test_second_signal_does_not_cut_the_teardown_short(tmp_path: Path, launcher_env: dict[str, str]) -> None:
+    # Each rank takes 3 s to exit after SIGTERM; --term_timeout 10 grants that. SIGTERM, SIGHUP
+    # and SIGINT sent while the agent waits for them must neither shorten the grace period
+    # (torch's handler raised again inside that wait, straight to the SIGKILL) nor change the
+    # exit status or message of the first signal.
+    args = ["--num_gpus", "2", "--master_port", str(free_port()), "--term_timeout", "10"]
+    args += [str(WORKER), str(tmp_path), "--hang", "--spawn-child", "--term-delay", "3"]
+    proc = subprocess.Popen(
+        [*LAUNCHER, *args], env=launcher_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + scaled(90)
+        while len(read_reports(tmp_path)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + scaled(20)
+        while not all((tmp_path / f"term_rank{r}").exists() for r in (0, 1)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the workers never got SIGTERM"
+            time.sleep(0.05)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # during the teardown
+            proc.send_signal(sig)
+            time.sleep(0.3)
+        _, err = proc.communicate(timeout=scaled(30))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "ds-launch: SIGTERM received on host localhost; workers stopped" in err
+    for r in read_reports(tmp_path).values():
+        assert (tmp_path / f"term_done_rank{r['rank']}").exists(), f"rank {r['rank']} lost its grace period\n{err}"
+        assert not alive(r["pid"]) and not alive(r["child_pid"]), f"rank {r['rank']} survived"
