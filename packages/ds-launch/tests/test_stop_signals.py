@@ -1,14 +1,17 @@
 """The agent's stop signals ([Note: one-shot stop] in ds_launch/_stop.py): the first signal stops
-the node, a signal swallowed on its way up still stops it, and further signals cannot cut the
-teardown short. The unit tests use SIGUSR1/SIGUSR2 so pytest's own handlers stay untouched."""
+the node, a signal swallowed on its way up still stops it, further signals cannot cut the
+teardown short, and an agent whose main thread cannot take a signal at all is ended by its
+stdin watchdog. The unit tests use SIGUSR1/SIGUSR2 so pytest's own handlers stay untouched."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from _dsl_helpers import LAUNCHER, WORKER, alive, free_port, read_reports
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from ds_launch._stop import StopState, stop_signals
+from ds_launch.agent import encode_world_info
 from zero_testkit import scaled
 
 pytestmark = pytest.mark.timeout(150)
@@ -146,3 +150,44 @@ def test_second_signal_does_not_cut_the_teardown_short(tmp_path: Path, launcher_
     for r in read_reports(tmp_path).values():
         assert (tmp_path / f"term_done_rank{r['rank']}").exists(), f"rank {r['rank']} lost its grace period\n{err}"
         assert not alive(r["pid"]) and not alive(r["child_pid"]), f"rank {r['rank']} survived"
+
+
+def _listening(port: int) -> bool:
+    """True if some socket on this machine listens on TCP ``port`` (read from /proc, no connect:
+    a connection would count as a node joining the rendezvous store)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+def test_stdin_watchdog_stops_an_agent_stuck_in_the_rendezvous(tmp_path: Path, launcher_env: dict[str, str]) -> None:
+    # What the ssh runner leaves behind when another host is unreachable: node 0's agent waits
+    # in the rendezvous store for node 1 (one C++ call of up to 600 s, so its SIGTERM handler
+    # cannot run) when its stdin closes. [Note: stdin watchdog] ends it after 2 x 1 + 10 s.
+    world = OrderedDict([("localhost", [0]), ("127.0.0.1", [0])])
+    port = free_port()
+    argv = [sys.executable, "-u", "-m", "ds_launch.agent", f"--world_info={encode_world_info(world)}"]
+    argv += ["--node_rank=0", "--master_addr=127.0.0.1", f"--master_port={port}", "--term_timeout=1"]
+    argv += ["--watch_stdin", "--", str(WORKER), str(tmp_path)]
+    proc = subprocess.Popen(argv, env=launcher_env, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + scaled(60)
+        while not _listening(port):
+            assert proc.poll() is None and time.monotonic() < deadline, "the agent never opened its store"
+            time.sleep(0.1)
+        proc.stdin.close()  # the launcher went away
+        try:
+            proc.wait(timeout=scaled(12 + 20))
+        except subprocess.TimeoutExpired:
+            pytest.fail("the agent is still waiting in the rendezvous after its stdin closed")
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "the agent did not stop after its launcher went away" in err
+    assert not read_reports(tmp_path)  # no worker ever started

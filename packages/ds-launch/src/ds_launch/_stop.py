@@ -25,15 +25,22 @@ code swallows still stops the node at the next monitor interval.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sys
 import threading
+import time
 from types import FrameType
 
-__all__ = ["DEFAULT_SIGNALS", "StopState", "stop_signals"]
+__all__ = ["DEFAULT_SIGNALS", "StopState", "stop_signals", "watch_stdin", "write_stderr"]
 
 # What torch's PContext.start() handles when TORCHELASTIC_SIGNALS_TO_HANDLE is unset.
 DEFAULT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
+# How much longer than its own bounded teardown (SIGTERM grace + torch's wait after SIGKILL,
+# term_timeout each, + the output pump's final drain) an agent that lost its launcher may
+# take before the stdin watchdog ends it.
+WATCHDOG_SLACK = 10.0
 
 
 def stop_signals() -> list[signal.Signals]:
@@ -55,9 +62,14 @@ class StopState:
         # teardown after the workers ended. EOF on stdin and further signals are then ignored.
         self.stopping = threading.Event()
         self.signal: signal.Signals | None = None  # the first stop signal, if one stopped us
+        self._exception: type[Exception] | None = None  # torch's SignalException, once installed
 
     def install(self) -> None:
         """Handle every stop signal here instead of in torch's handler (main thread only)."""
+        # Imported here, not in the handler: a handler should not import (torch is loaded by now).
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+
+        self._exception = SignalException
         for sig in stop_signals():
             signal.signal(sig, self._handle)
 
@@ -78,8 +90,50 @@ class StopState:
         Called where the agent loops: if the exception the handler raised was swallowed on
         its way up, the loop is still running and this raises it again.
         """
-        if self.signal is None:
+        if self.signal is None or self._exception is None:
             return
-        from torch.distributed.elastic.multiprocessing.api import SignalException
+        raise self._exception(f"Process {os.getpid()} got signal: {self.signal}", sigval=self.signal)
 
-        raise SignalException(f"Process {os.getpid()} got signal: {self.signal}", sigval=self.signal)
+
+def write_stderr(text: str) -> None:
+    """Write to stderr; a closed stderr is not an error here.
+
+    Over ssh our stderr is a pipe that the launcher may already have closed (it SIGKILLs the
+    ssh client term_timeout + 5 s after a stop): a message that cannot be delivered must not
+    abort the teardown with a BrokenPipeError.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+
+def watch_stdin(state: StopState, worker_groups: list[int], term_timeout: float) -> None:
+    """Treat EOF on stdin as "the launcher is gone" (the ssh runner): stop this node.
+
+    On EOF the agent SIGTERMs itself, so the elastic agent's signal path stops the workers,
+    whatever state it is in (unless it is already stopping for a failure or an abort).
+
+    [Note: stdin watchdog] A Python signal handler only runs when the main thread is back in
+    the interpreter, and a C++ call can hold it for long: node 0's rendezvous store waits up
+    to rdzv_timeout (600 s) for the other nodes in one call, so an agent whose launcher found
+    a host unreachable could not be stopped by its SIGTERM. Nobody is left to wait for this
+    node's result: if the agent is still running well after its own bounded teardown would
+    have ended, SIGKILL ``worker_groups`` (the workers' process group ids) and exit from here.
+    """
+
+    def watch() -> None:
+        try:
+            while os.read(0, 4096):
+                pass
+        except OSError:
+            pass
+        if not state.stopping.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2 * term_timeout + WATCHDOG_SLACK)
+        for pgid in list(worker_groups):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        write_stderr("ds-launch: the agent did not stop after its launcher went away; killed its workers\n")
+        os._exit(128 + signal.SIGTERM)
+
+    threading.Thread(target=watch, name="ds-launch-stdin", daemon=True).start()

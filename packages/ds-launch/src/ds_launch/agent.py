@@ -37,7 +37,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ._stop import DEFAULT_SIGNALS, StopState
+from ._stop import DEFAULT_SIGNALS, StopState, watch_stdin
+from ._stop import write_stderr as _write_stderr
 
 __all__ = ["ABORTED_EXIT_CODE", "FAILURE_MARKER", "AgentConfig", "decode_world_info", "encode_world_info", "run_node"]
 
@@ -52,6 +53,9 @@ _DONE_KEY = "ds_launch/done/"
 # failure, an abort, the final teardown); from then on neither EOF on stdin nor a further
 # signal may interrupt the shutdown and the failure report. See [Note: one-shot stop].
 _STOP = StopState()
+# Process group ids of this node's workers (each worker leads its own session), for the
+# stdin watchdog's last resort ([Note: stdin watchdog]).
+_WORKER_GROUPS: list[int] = []
 
 
 def encode_world_info(world: OrderedDict[str, list[int]]) -> str:
@@ -220,6 +224,7 @@ def _make_agent_class() -> type:
                 if main:
                     _STOP.install()  # PContext.start() put torch's handlers back: [Note: one-shot stop]
             pc = self._pcontext
+            _WORKER_GROUPS[:] = [h.proc.pid for h in getattr(pc, "subprocess_handlers", {}).values()]
             if main:
                 signal.signal(signal.SIGCHLD, self._on_sigchld)
             files = [(r, pc.stdouts[r], sys.stdout.buffer) for r in sorted(pc.stdouts) if pc.stdouts[r]]
@@ -353,15 +358,6 @@ def _report(cfg: AgentConfig, rank: int, local_rank: int, exitcode: int, lines: 
     _write_stderr("\n".join(msg) + "\n")
 
 
-def _write_stderr(text: str) -> None:
-    # Over ssh our stderr is a pipe that the launcher may already have closed (it SIGKILLs the
-    # ssh client term_timeout + 5 s after a stop): a report that cannot be delivered must not
-    # abort the teardown with a BrokenPipeError.
-    with contextlib.suppress(OSError, ValueError):
-        sys.stderr.write(text)
-        sys.stderr.flush()
-
-
 def _prepare_environment(cfg: AgentConfig) -> None:
     os.environ.update(cfg.exports)
     if cfg.chdir:
@@ -388,21 +384,6 @@ def _prepare_environment(cfg: AgentConfig) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[s] for s in slots if s < len(visible))
 
 
-def _watch_stdin() -> None:
-    # EOF on stdin: the ssh connection (or the launcher that feeds it) is gone. SIGTERM
-    # ourselves so the elastic agent's signal path stops the workers, whatever state it is in.
-    def watch() -> None:
-        try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
-            pass
-        if not _STOP.stopping.is_set():
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="ds-launch-stdin", daemon=True).start()
-
-
 def run_node(cfg: AgentConfig) -> int:
     """Run this node's workers to completion; returns the exit status for the launcher.
 
@@ -421,20 +402,57 @@ def run_node(cfg: AgentConfig) -> int:
 
 
 def _run_agent(cfg: AgentConfig, log_dir: str) -> int:
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.rendezvous import RendezvousParameters
-    from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
     os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", DEFAULT_SIGNALS)
     _STOP.install()
+    try:
+        agent, spec = _build_agent(cfg, log_dir)
+    except SignalException as e:  # e.g. the launcher found another host unreachable
+        _write_stderr(f"ds-launch: {e.sigval.name} received on host {cfg.host} before the workers started\n")
+        return 128 + int(e.sigval)
+    result = None
+    stopped_by: signal.Signals | None = None
+    try:
+        result = agent.run()
+    except SignalException as e:
+        stopped_by = e.sigval
+    finally:
+        # Whatever ended the run (even an exception of our own), no worker process group may
+        # outlive it. Stop signals are ignored from here on (our _shutdown began the stop).
+        _STOP.begin()
+        agent.kill_leftovers()
+        if agent.pump:
+            agent.pump.stop()
+        with contextlib.suppress(Exception):  # the store may already be gone
+            spec.rdzv_handler.shutdown()
+    if agent.status is not None:
+        return agent.status  # our worker's failure came first; a signal is its consequence
+    if stopped_by is not None:
+        _write_stderr(f"ds-launch: {stopped_by.name} received on host {cfg.host}; workers stopped\n")
+        return 128 + int(stopped_by)
+    if result is None or agent.aborted:
+        _write_stderr(f"ds-launch: another node failed; stopped the workers on host {cfg.host}\n")
+        return ABORTED_EXIT_CODE
+    if result.is_failed():
+        _write_stderr(f"ds-launch: workers on host {cfg.host} ended in state {result.state.name}\n")
+        return 1
+    return 0
+
+
+def _build_agent(cfg: AgentConfig, log_dir: str) -> tuple[Any, Any]:
+    """This node's environment, its rendezvous and its (not yet started) elastic agent."""
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+    from torch.distributed.elastic.rendezvous import registry as rdzv_registry
+
     # torch logs the *earliest-timestamped* failure with 1 s resolution, which after we stop
     # the others is often a rank we killed; our own report names the root cause instead.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
         lambda record: not str(record.msg).startswith("failed (exitcode")
     )
     if cfg.watch_stdin:
-        _watch_stdin()
+        watch_stdin(_STOP, _WORKER_GROUPS, cfg.term_timeout)
     _prepare_environment(cfg)
     from torch.distributed.elastic.agent.server.api import WorkerSpec
 
@@ -469,33 +487,7 @@ def _run_agent(cfg: AgentConfig, log_dir: str) -> int:
         exit_barrier_timeout=300,
         cfg=cfg,
     )
-    result = None
-    stopped_by: signal.Signals | None = None
-    try:
-        result = agent.run()
-    except SignalException as e:
-        stopped_by = e.sigval
-    finally:
-        # Whatever ended the run (even an exception of our own), no worker process group may
-        # outlive it. Stop signals are ignored from here on (our _shutdown began the stop).
-        _STOP.begin()
-        agent.kill_leftovers()
-        if agent.pump:
-            agent.pump.stop()
-        with contextlib.suppress(Exception):  # the store may already be gone
-            spec.rdzv_handler.shutdown()
-    if agent.status is not None:
-        return agent.status  # our worker's failure came first; a signal is its consequence
-    if stopped_by is not None:
-        _write_stderr(f"ds-launch: {stopped_by.name} received on host {cfg.host}; workers stopped\n")
-        return 128 + int(stopped_by)
-    if result is None or agent.aborted:
-        _write_stderr(f"ds-launch: another node failed; stopped the workers on host {cfg.host}\n")
-        return ABORTED_EXIT_CODE
-    if result.is_failed():
-        _write_stderr(f"ds-launch: workers on host {cfg.host} ended in state {result.state.name}\n")
-        return 1
-    return 0
+    return agent, spec
 
 
 def resolve_node_rank(value: str, world: OrderedDict[str, list[int]]) -> int:
