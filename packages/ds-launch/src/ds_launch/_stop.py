@@ -1,4 +1,5 @@
-"""The agent's stop signals: the first one stops the node, any later one is ignored.
+"""How an agent stops: the first stop signal stops the node, any later one is ignored; over
+ssh, EOF on stdin is such a signal, backed by a watchdog ([Note: stdin watchdog]).
 
 [Note: one-shot stop] torch's elastic agent turns a signal into a ``SignalException``
 raised in the main thread wherever it happens to be, and its ``SimpleElasticAgent.run``

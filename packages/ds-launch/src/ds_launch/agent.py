@@ -12,7 +12,9 @@ launcher promises on top:
 - across nodes, a failure is published in the rendezvous store, and every other agent
   polls it each monitor interval and stops its workers ("[Note: cross-node abort]");
 - ``--watch_stdin`` (used by the ssh runner) treats EOF on stdin as "the launcher is
-  gone": the connection closed, so the agent stops its workers instead of orphaning them.
+  gone": the connection closed, so the agent stops its workers instead of orphaning them;
+- the first stop signal stops the node and later ones cannot interrupt that stop (see
+  ``_stop.py``: [Note: one-shot stop], [Note: stdin watchdog]).
 
 Run it as ``python -m ds_launch.agent --world_info ... -- script args``.
 """
