@@ -12,7 +12,9 @@ launcher promises on top:
 - across nodes, a failure is published in the rendezvous store, and every other agent
   polls it each monitor interval and stops its workers ("[Note: cross-node abort]");
 - ``--watch_stdin`` (used by the ssh runner) treats EOF on stdin as "the launcher is
-  gone": the connection closed, so the agent stops its workers instead of orphaning them.
+  gone": the connection closed, so the agent stops its workers instead of orphaning them;
+- the first stop signal stops the node and later ones cannot interrupt that stop (see
+  ``_stop.py``: [Note: one-shot stop], [Note: stdin watchdog]).
 
 Run it as ``python -m ds_launch.agent --world_info ... -- script args``.
 """
@@ -37,6 +39,9 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from ._stop import DEFAULT_SIGNALS, StopState, watch_stdin
+from ._stop import write_stderr as _write_stderr
+
 __all__ = ["ABORTED_EXIT_CODE", "FAILURE_MARKER", "AgentConfig", "decode_world_info", "encode_world_info", "run_node"]
 
 # A line the agent prints to stderr when one of its workers failed; a controller running
@@ -46,9 +51,13 @@ FAILURE_MARKER = "@@ds-launch-failure@@ "
 ABORTED_EXIT_CODE = 143
 _ABORT_KEY = "ds_launch/abort"
 _DONE_KEY = "ds_launch/done/"
-# Set once this agent is stopping its workers on purpose (a failure or an abort): from then
-# on EOF on stdin must not interrupt the shutdown and the failure report.
-_STOPPING = threading.Event()
+# This process's stop state: set once the agent stops its workers on purpose (a signal, a
+# failure, an abort, the final teardown); from then on neither EOF on stdin nor a further
+# signal may interrupt the shutdown and the failure report. See [Note: one-shot stop].
+_STOP = StopState()
+# Process group ids of this node's workers (each worker leads its own session), for the
+# stdin watchdog's last resort ([Note: stdin watchdog]).
+_WORKER_GROUPS: list[int] = []
 
 
 def encode_world_info(world: OrderedDict[str, list[int]]) -> str:
@@ -195,6 +204,7 @@ def _make_agent_class() -> type:
     # Imported lazily: `ds-launch --help` and the multi-node controller never need torch.
     from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup, WorkerState
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.multiprocessing.api import SignalException
 
     class DsLaunchAgent(LocalElasticAgent):
         """LocalElasticAgent + output pump, bounded shutdown and cross-node abort."""
@@ -209,9 +219,15 @@ def _make_agent_class() -> type:
             self._store_failures = 0
 
         def _start_workers(self, worker_group: WorkerGroup) -> dict[int, Any]:
-            pids = super()._start_workers(worker_group)
+            main = threading.current_thread() is threading.main_thread()
+            try:
+                pids = super()._start_workers(worker_group)
+            finally:
+                if main:
+                    _STOP.install()  # PContext.start() put torch's handlers back: [Note: one-shot stop]
             pc = self._pcontext
-            if threading.current_thread() is threading.main_thread():
+            _WORKER_GROUPS[:] = [h.proc.pid for h in getattr(pc, "subprocess_handlers", {}).values()]
+            if main:
                 signal.signal(signal.SIGCHLD, self._on_sigchld)
             files = [(r, pc.stdouts[r], sys.stdout.buffer) for r in sorted(pc.stdouts) if pc.stdouts[r]]
             files += [(r, pc.stderrs[r], sys.stderr.buffer) for r in sorted(pc.stderrs) if pc.stderrs[r]]
@@ -222,6 +238,12 @@ def _make_agent_class() -> type:
         def _stop_workers(self, worker_group: WorkerGroup) -> None:
             self._shutdown(timeout=max(1, round(self.cfg.term_timeout)))
             self.kill_leftovers()
+
+        def _shutdown(self, death_sig: signal.Signals = signal.SIGTERM, timeout: int = 30) -> None:
+            # Every way out of torch's run() ends here (a signal, a failure, the end of the job):
+            # from now on a further signal must not cut the workers' grace period short.
+            _STOP.begin()
+            super()._shutdown(death_sig, timeout)
 
         def _on_sigchld(self, _signum: int, _frame: object) -> None:
             # When one rank dies its peers often fail a moment later (connection reset). To
@@ -248,11 +270,14 @@ def _make_agent_class() -> type:
             # store being unreachable means node 0's agent is gone, so the job is over.
             try:
                 return bool(worker_group.store.check([_ABORT_KEY]))
+            except SignalException:
+                raise  # a stop signal that arrived during the poll, not a store error
             except Exception:  # noqa: BLE001 - any store error means node 0 is gone
                 self._store_failures += 1
                 return self._store_failures >= 3
 
         def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+            _STOP.raise_pending()  # a stop signal whose exception was swallowed: stop now
             pc = self._pcontext
             if self.status is None and pc is not None:
                 # Find the root cause ourselves, before torch's poll terminates the others
@@ -264,7 +289,7 @@ def _make_agent_class() -> type:
                 ]
                 if failed:
                     _, local_rank, code = min(failed)
-                    _STOPPING.set()
+                    _STOP.begin()
                     self.status = self._report(worker_group.workers[local_rank].global_rank, local_rank, code)
                     if len(self.cfg.world) > 1:
                         # Best effort: if the store is gone, the others notice that too.
@@ -273,7 +298,7 @@ def _make_agent_class() -> type:
                     pc.close(signal.SIGTERM, timeout=max(1, round(self.cfg.term_timeout)))
             result = super()._monitor_workers(worker_group)
             if result.state == WorkerState.HEALTHY and len(self.cfg.world) > 1 and self._abort_requested(worker_group):
-                _STOPPING.set()
+                _STOP.begin()
                 self.aborted = True
                 return RunResult(state=WorkerState.FAILED)
             return result
@@ -297,9 +322,12 @@ def _make_agent_class() -> type:
                 store.set(keys[self.cfg.node_rank], "1")
                 deadline = time.monotonic() + self._exit_barrier_timeout
                 while time.monotonic() < deadline:
+                    _STOP.raise_pending()
                     if store.check(keys) or store.check([_ABORT_KEY]):
                         return
                     time.sleep(self.cfg.monitor_interval)
+            except SignalException:
+                raise
             except Exception:  # noqa: BLE001 - the store's owner has exited: nothing left to wait for
                 return
 
@@ -329,8 +357,7 @@ def _report(cfg: AgentConfig, rank: int, local_rank: int, exitcode: int, lines: 
     if cfg.emit_marker:
         info = {"rank": rank, "local_rank": local_rank, "host": cfg.host, "exitcode": exitcode, "lines": lines}
         msg.append(FAILURE_MARKER + json.dumps(info))
-    sys.stderr.write("\n".join(msg) + "\n")
-    sys.stderr.flush()
+    _write_stderr("\n".join(msg) + "\n")
 
 
 def _prepare_environment(cfg: AgentConfig) -> None:
@@ -359,21 +386,6 @@ def _prepare_environment(cfg: AgentConfig) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[s] for s in slots if s < len(visible))
 
 
-def _watch_stdin() -> None:
-    # EOF on stdin: the ssh connection (or the launcher that feeds it) is gone. SIGTERM
-    # ourselves so the elastic agent's signal path stops the workers, whatever state it is in.
-    def watch() -> None:
-        try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
-            pass
-        if not _STOPPING.is_set():
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="ds-launch-stdin", daemon=True).start()
-
-
 def run_node(cfg: AgentConfig) -> int:
     """Run this node's workers to completion; returns the exit status for the launcher.
 
@@ -392,21 +404,57 @@ def run_node(cfg: AgentConfig) -> int:
 
 
 def _run_agent(cfg: AgentConfig, log_dir: str) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", DEFAULT_SIGNALS)
+    _STOP.install()
+    try:
+        agent, spec = _build_agent(cfg, log_dir)
+    except SignalException as e:  # e.g. the launcher found another host unreachable
+        _write_stderr(f"ds-launch: {e.sigval.name} received on host {cfg.host} before the workers started\n")
+        return 128 + int(e.sigval)
+    result = None
+    stopped_by: signal.Signals | None = None
+    try:
+        result = agent.run()
+    except SignalException as e:
+        stopped_by = e.sigval
+    finally:
+        # Whatever ended the run (even an exception of our own), no worker process group may
+        # outlive it. Stop signals are ignored from here on (our _shutdown began the stop).
+        _STOP.begin()
+        agent.kill_leftovers()
+        if agent.pump:
+            agent.pump.stop()
+        with contextlib.suppress(Exception):  # the store may already be gone
+            spec.rdzv_handler.shutdown()
+    if agent.status is not None:
+        return agent.status  # our worker's failure came first; a signal is its consequence
+    if stopped_by is not None:
+        _write_stderr(f"ds-launch: {stopped_by.name} received on host {cfg.host}; workers stopped\n")
+        return 128 + int(stopped_by)
+    if result is None or agent.aborted:
+        _write_stderr(f"ds-launch: another node failed; stopped the workers on host {cfg.host}\n")
+        return ABORTED_EXIT_CODE
+    if result.is_failed():
+        _write_stderr(f"ds-launch: workers on host {cfg.host} ended in state {result.state.name}\n")
+        return 1
+    return 0
+
+
+def _build_agent(cfg: AgentConfig, log_dir: str) -> tuple[Any, Any]:
+    """This node's environment, its rendezvous and its (not yet started) elastic agent."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
-    from torch.distributed.elastic.multiprocessing.api import SignalException, _terminate_process_handler
     from torch.distributed.elastic.rendezvous import RendezvousParameters
     from torch.distributed.elastic.rendezvous import registry as rdzv_registry
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, _terminate_process_handler)
     # torch logs the *earliest-timestamped* failure with 1 s resolution, which after we stop
     # the others is often a rank we killed; our own report names the root cause instead.
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(
         lambda record: not str(record.msg).startswith("failed (exitcode")
     )
-    os.environ.setdefault("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT")
     if cfg.watch_stdin:
-        _watch_stdin()
+        watch_stdin(_STOP, _WORKER_GROUPS, cfg.term_timeout)
     _prepare_environment(cfg)
     from torch.distributed.elastic.agent.server.api import WorkerSpec
 
@@ -441,31 +489,7 @@ def _run_agent(cfg: AgentConfig, log_dir: str) -> int:
         exit_barrier_timeout=300,
         cfg=cfg,
     )
-    try:
-        result = agent.run()
-    except SignalException as e:
-        agent.kill_leftovers()
-        if agent.pump:
-            agent.pump.stop()
-        if agent.status is not None:
-            return agent.status  # our worker's failure came first; the signal is its consequence
-        sys.stderr.write(f"ds-launch: {e.sigval.name} received on host {cfg.host}; workers stopped\n")
-        return 128 + int(e.sigval)
-    finally:
-        with contextlib.suppress(Exception):  # the store may already be gone
-            spec.rdzv_handler.shutdown()
-    agent.kill_leftovers()
-    if agent.pump:
-        agent.pump.stop()
-    if agent.status is not None:
-        return agent.status
-    if result is None or agent.aborted:
-        sys.stderr.write(f"ds-launch: another node failed; stopped the workers on host {cfg.host}\n")
-        return ABORTED_EXIT_CODE
-    if result.is_failed():
-        sys.stderr.write(f"ds-launch: workers on host {cfg.host} ended in state {result.state.name}\n")
-        return 1
-    return 0
+    return agent, spec
 
 
 def resolve_node_rank(value: str, world: OrderedDict[str, list[int]]) -> int:

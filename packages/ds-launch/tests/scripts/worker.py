@@ -1,7 +1,11 @@
 """Test worker: a gloo all_reduce, then a JSON report per rank; optionally fail or hang.
 
-usage: worker.py OUTDIR [--fail-rank R] [--fail-code C] [--hang] [--ignore-term] [--spawn-child] [--hold S]
+usage: worker.py OUTDIR [--fail-rank R] [--fail-code C] [--hang] [--ignore-term] [--term-delay S]
+                 [--spawn-child] [--hold S]
 (any other arguments are echoed in the report)
+
+--term-delay S: on SIGTERM write OUTDIR/term_rankR, take S seconds to "clean up", then write
+OUTDIR/term_done_rankR and exit 143: a rank that needs its grace period.
 """
 
 import json
@@ -23,6 +27,19 @@ hang = "--hang" in rest
 hold = float(rest[rest.index("--hold") + 1]) if "--hold" in rest else 0.0
 if "--ignore-term" in rest:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # only SIGKILL stops this rank
+term_delay = float(rest[rest.index("--term-delay") + 1]) if "--term-delay" in rest else None
+
+
+def _slow_exit(_signum, _frame):
+    rank = os.environ["RANK"]
+    open(os.path.join(out_dir, f"term_rank{rank}"), "w").close()
+    time.sleep(term_delay)
+    open(os.path.join(out_dir, f"term_done_rank{rank}"), "w").close()
+    os._exit(143)
+
+
+if term_delay is not None:
+    signal.signal(signal.SIGTERM, _slow_exit)
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
