@@ -23,6 +23,7 @@ def test_deepspeed_defaults_and_keys() -> None:
         {"stages": 2, "partition": "parameters", "seed_layers": True, "activation_checkpoint_interval": 1}
     )
     assert full.stages == 2 and full.activation_checkpoint_interval == 1
+    assert cfg.recv_ahead == 8 and PipelineConfig.model_validate({"recv_ahead": 0}).recv_ahead == 0  # pipe3d's key
 
 
 @pytest.mark.parametrize(
@@ -43,6 +44,7 @@ def test_schedule_names(written: str, name: str) -> None:
         ({"stages": 0}, r"pipeline\.stages: must be 'auto' or >= 1"),
         ({"activation_checkpoint_interval": -1}, "greater than or equal to 0"),
         ({"pipe_partitioned": "yes"}, "valid boolean"),
+        ({"recv_ahead": -1}, "greater than or equal to 0"),
     ],
 )
 def test_bad_keys_are_errors(section: dict, message: str) -> None:

@@ -6,6 +6,7 @@ and listing the accepted ones. What each key does with pipe3d:
 
 * ``schedule`` (pipe3d's): ``"1f1b"`` (DeepSpeed's ``TrainSchedule``), ``"gpipe"`` or
   ``"interleaved"``; unset: interleaved when the PipelineModule has ``num_chunks > 1``, else 1F1B.
+* ``recv_ahead`` (pipe3d's): how many receives to keep posted ahead of use, default 8.
 * ``activation_checkpoint_interval``: when > 0 it replaces the PipelineModule's own value, as in
   DeepSpeed's pipeline engine.
 * ``stages``: ``"auto"`` or the PipelineModule's stage count (another number is an error: the
@@ -43,6 +44,9 @@ class PipelineConfig(BaseModel):
     schedule: Literal["1f1b", "gpipe", "interleaved"] | None = None
     """The training schedule; None: interleaved for a module with ``num_chunks > 1``, else 1F1B."""
 
+    recv_ahead: int = Field(8, ge=0)
+    """pipe3d's: receives kept posted ahead of the instructions that need them (0: each at its own), see
+    docs/pipe3d.md#point-to-point; each costs one stage-boundary tensor of memory."""
     stages: int | Literal["auto"] = "auto"
     """DeepSpeed's key; ``"auto"`` or the PipelineModule's stage count."""
 

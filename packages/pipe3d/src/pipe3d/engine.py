@@ -59,6 +59,8 @@ class PipelineEngine:
         backward: ``fn(tensor, boundary)`` for delegated mode (see the module docstring).
         p2p_timeout: seconds a receive waits for its peer before raising.
         measure_memory: record each stage's peak saved-activation bytes in :attr:`stats`.
+        recv_ahead: receives kept posted ahead of the instruction that needs them (see
+            :class:`pipe3d.executor.PipelineExecutor`); each holds one stage-boundary tensor.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class PipelineEngine:
         backward: Callable[[torch.Tensor, bool], None] | None = None,
         p2p_timeout: float = 300.0,
         measure_memory: bool = False,
+        recv_ahead: int = 8,
     ) -> None:
         if not isinstance(module, PipelineModule):
             raise TypeError(f"PipelineEngine needs a PipelineModule, got {type(module).__name__}")
@@ -107,6 +110,7 @@ class PipelineEngine:
             self._p2p["train"],
             self.device,
             measure_memory=measure_memory,
+            recv_ahead=recv_ahead,
         )
         self.global_steps = 0
 

@@ -142,9 +142,11 @@ class PipelineExecutor:
         p2p: P2P | LocalP2P | None,
         device: torch.device,
         measure_memory: bool = False,
-        recv_ahead: int = 2,
+        recv_ahead: int = 8,
     ) -> None:
         self.module = module
+        if recv_ahead < 0:
+            raise ValueError(f"recv_ahead must be >= 0, got {recv_ahead}")
         self.recv_ahead = int(recv_ahead)
         self.stage, self.num_stages, self.chunks = stage, num_stages, chunks
         self.p2p = p2p

@@ -323,7 +323,9 @@ def initialize(
     )
     engine.model_parallel_world_size = layout.model_parallel_world_size
     if layout.pipeline:
-        engine.pipeline = attach_pipeline(engine, model, zero_opt, batch.gradient_accumulation_steps, schedule)
+        engine.pipeline = attach_pipeline(
+            engine, model, zero_opt, batch.gradient_accumulation_steps, schedule, recv_ahead=cfg.pipeline.recv_ahead
+        )
     return engine, _returned_optimizer(zero_opt, cfg), dataloader, scheduler
 
 

@@ -151,16 +151,20 @@ def pipeline_schedule(model: Any, cfg: Any, gradient_accumulation_steps: int) ->
     return schedule
 
 
-def attach_pipeline(engine: Any, model: Any, optimizer: Any, gradient_accumulation_steps: int, schedule: str) -> Any:
+def attach_pipeline(
+    engine: Any, model: Any, optimizer: Any, gradient_accumulation_steps: int, schedule: str, recv_ahead: int = 8
+) -> Any:
     """A :class:`pipe3d.PipelineEngine` running ``schedule`` (from :func:`pipeline_schedule`), its
-    backwards through zero-shard's ``optimizer``."""
+    backwards through zero-shard's ``optimizer``; ``recv_ahead`` is ``ds_config.pipeline.recv_ahead``."""
     from pipe3d import PipelineEngine
 
     def backward(tensor: Any, boundary: bool) -> None:
         optimizer.set_gradient_accumulation_boundary(boundary)
         optimizer.backward(tensor)
 
-    return PipelineEngine(model, gradient_accumulation_steps, schedule=schedule, backward=backward)
+    return PipelineEngine(
+        model, gradient_accumulation_steps, schedule=schedule, backward=backward, recv_ahead=recv_ahead
+    )
 
 
 def save_pipeline_engine(engine: Any, save_dir: Any, tag: str, client_state: dict[str, Any], save_latest: bool) -> None:
