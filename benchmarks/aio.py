@@ -178,12 +178,13 @@ def summarize(rows: list[dict], default_backend: str) -> dict:
         med = {
             (r["tool"], r["block_size"], r["queue_depth"]): r["gbps_median"]
             for r in rows
-            if r["op"] == op and r["tool"].startswith("ds_native-") and not r["tool"].endswith("-4k") and "gbps_median" in r
+            if r["op"] == op
+            and r["tool"].startswith("ds_native-")
+            and not r["tool"].endswith("-4k")
+            and "gbps_median" in r
         }
         key = (f"ds_native-{default_backend}", aio.DEFAULT_BLOCK_SIZE, aio.DEFAULT_QUEUE_DEPTH)
-        summary["default_vs_best_median"][op] = (
-            round(med[key] / max(med.values()), 3) if key in med and med else None
-        )
+        summary["default_vs_best_median"][op] = round(med[key] / max(med.values()), 3) if key in med and med else None
     return summary
 
 
