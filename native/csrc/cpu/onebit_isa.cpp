@@ -72,6 +72,24 @@ inline uint64_t reverse_bits_in_bytes(uint64_t v) {
   return ((v >> 4) & 0x0F0F0F0F0F0F0F0Full) | ((v & 0x0F0F0F0F0F0F0F0Full) << 4);
 }
 
+#if defined(__AVX512F__)
+// 64 values of the server average from sign byte b on: acc[q] holds elements 16q..16q+15, the sum
+// over r (in rank order) of +-scales[r] by rank r's bit. The bit order within each byte is reversed
+// in registers (three mask-and-shift steps) rather than by a table lookup per byte.
+inline void decode_sum64(const uint8_t* const* bits, int64_t b, const float* scales, int64_t w, __m512 acc[4]) {
+  for (int64_t r = 0; r < w; ++r) {
+    uint64_t word;
+    std::memcpy(&word, bits[r] + b, 8);
+    word = reverse_bits_in_bytes(word);
+    const __m512 vs = _mm512_set1_ps(scales[r]), vns = _mm512_set1_ps(-scales[r]);
+    for (int q = 0; q < 4; ++q) {
+      const __m512 d = _mm512_mask_blend_ps(static_cast<__mmask16>(word >> (16 * q)), vns, vs);
+      acc[q] = r == 0 ? d : _mm512_add_ps(acc[q], d);
+    }
+  }
+}
+#endif
+
 inline float sign_at(const uint8_t* bits, int64_t i, float s) {
   return ((bits[i >> 3] >> (7 - (i & 7))) & 1) ? s : -s;
 }
@@ -171,16 +189,7 @@ void server_values(const uint8_t* const* bits, int64_t b0, const float* scales, 
   for (; i + 64 <= lim; i += 64) {
     const int64_t b = b0 + (i >> 3);
     __m512 acc[4];
-    for (int64_t r = 0; r < w; ++r) {
-      uint64_t word;
-      std::memcpy(&word, bits[r] + b, 8);
-      word = reverse_bits_in_bytes(word);
-      const __m512 vs = _mm512_set1_ps(scales[r]), vns = _mm512_set1_ps(-scales[r]);
-      for (int q = 0; q < 4; ++q) {
-        const __m512 d = _mm512_mask_blend_ps(static_cast<__mmask16>(word >> (16 * q)), vns, vs);
-        acc[q] = r == 0 ? d : _mm512_add_ps(acc[q], d);
-      }
-    }
+    decode_sum64(bits, b, scales, w, acc);
     for (int q = 0; q < 4; ++q)
       _mm512_storeu_ps(dst + i + 16 * q, _mm512_add_ps(_mm512_loadu_ps(se + i + 16 * q), acc[q]));
   }
@@ -236,16 +245,7 @@ bool block_fast(const float* x, const uint8_t* const* bits, int64_t b0, const fl
       for (int q = 0; q < 4; ++q) add[q] = _mm512_loadu_ps(x + i + 16 * q);
     } else {
       const int64_t b = b0 + (i >> 3);
-      for (int64_t r = 0; r < w; ++r) {
-        uint64_t word;
-        std::memcpy(&word, bits[r] + b, 8);
-        word = reverse_bits_in_bytes(word);
-        const __m512 vs = _mm512_set1_ps(scales[r]), vns = _mm512_set1_ps(-scales[r]);
-        for (int q = 0; q < 4; ++q) {
-          const __m512 d = _mm512_mask_blend_ps(static_cast<__mmask16>(word >> (16 * q)), vns, vs);
-          add[q] = r == 0 ? d : _mm512_add_ps(add[q], d);
-        }
-      }
+      decode_sum64(bits, b, scales, w, add);
     }
     uint64_t signs = 0;
     for (int q = 0; q < 4; ++q) {
@@ -401,16 +401,7 @@ void onebit_server_pack_piece(const uint8_t* const* bits, const float* scales, i
   for (; i + 64 <= lim; i += 64) {
     const int64_t b = i >> 3;
     __m512 acc[4];
-    for (int64_t r = 0; r < w; ++r) {
-      uint64_t word;
-      std::memcpy(&word, bits[r] + b, 8);
-      word = reverse_bits_in_bytes(word);
-      const __m512 vs = _mm512_set1_ps(scales[r]), vns = _mm512_set1_ps(-scales[r]);
-      for (int q = 0; q < 4; ++q) {
-        const __m512 d = _mm512_mask_blend_ps(static_cast<__mmask16>(word >> (16 * q)), vns, vs);
-        acc[q] = r == 0 ? d : _mm512_add_ps(acc[q], d);
-      }
-    }
+    decode_sum64(bits, b, scales, w, acc);
     uint64_t signs = 0;
     for (int q = 0; q < 4; ++q) {
       const __m512 c = _mm512_add_ps(_mm512_loadu_ps(se + i + 16 * q), acc[q]);
