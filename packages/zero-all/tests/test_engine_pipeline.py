@@ -98,6 +98,10 @@ def _rules(rank: int, world: int) -> None:
         zero_all.initialize(model=chunked, config={**_config(1, 1), "pipeline": {"schedule": "gpipe"}})
     with pytest.raises(zero_all.ConfigError, match="multiple of the pipeline stages"):
         zero_all.initialize(model=chunked, config={**_config(1, 1), "gradient_accumulation_steps": 3})
+    # 1-bit optimizers communicate over every rank: refused with a pipeline (gloo would abort on the mismatch).
+    onebit = {**_config(0, 1), "optimizer": {"type": "OneBitAdam", "params": {"lr": LR}}}
+    with pytest.raises(NotImplementedError, match="'OneBitAdam' with a PipelineModule: the 1-bit optimizers are"):
+        zero_all.initialize(model=module, config=onebit)
     with pytest.raises(zero_all.ConfigError, match=r"pipeline\.stages: 3, but the PipelineModule has 2"):
         zero_all.initialize(model=module, config={**_config(1, 1), "pipeline": {"stages": 3}})
     deepspeed_keys = {

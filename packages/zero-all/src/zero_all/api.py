@@ -25,7 +25,7 @@ from zero_all.config.loader import ConfigError
 from zero_all.config.model import TORCH_DTYPES, ZeroAllConfig, load_config
 from zero_all.distributed import get_device, init_distributed
 from zero_all.engine import Engine
-from zero_all.optim import OptimizerFactory, check_optimizer_stage, optimizer_factory
+from zero_all.optim import OptimizerFactory, check_optimizer_layout, check_optimizer_stage, optimizer_factory
 from zero_all.pipeline import attach_pipeline, norm_replicated_params, parallel_layout, pipeline_schedule
 from zero_all.schedulers import build_scheduler
 
@@ -253,6 +253,7 @@ def initialize(
                 stacklevel=2,
             )
         check_optimizer_stage(cfg.optimizer.type, int(cfg.zero_optimization.stage))
+        check_optimizer_layout(cfg.optimizer.type, layout.pipeline, layout.model_parallel_world_size)
         # With offload_optimizer the fp32 partitions live in host memory: the optimizer is ds-native's CPU Adam.
         offload = cfg.zero_optimization.offload_optimizer
         opt_device = torch.device("cpu") if offload is not None and offload.enabled else device

@@ -30,6 +30,7 @@ __all__ = [
     "ONEBIT_OPTIMIZERS",
     "OptimizerFactory",
     "check_optimizer",
+    "check_optimizer_layout",
     "check_optimizer_stage",
     "optimizer_factory",
 ]
@@ -93,6 +94,26 @@ def check_optimizer_stage(type_name: str, stage: int) -> None:
             f"ds_config.optimizer.type {type_name!r} with zero_optimization.stage {stage}: the 1-bit optimizers "
             f"communicate the whole compressed momentum, which ZeRO stages 1-3 partition; accepted: "
             f"zero_optimization.stage 0 with {type_name}, or Adam/AdamW with any stage"
+        )
+
+
+def check_optimizer_layout(type_name: str, pipeline: bool, model_parallel_world_size: int) -> None:
+    """Raise NotImplementedError for a 1-bit optimizer with pipeline or tensor parallelism.
+
+    They all-reduce their compressed momentum over every rank; with stages or tensor shards the ranks hold
+    different parameters, so the messages would not match (gloo aborts the process). Refused before
+    anything is sent.
+    """
+    if type_name.lower() in ONEBIT_OPTIMIZERS and (pipeline or model_parallel_world_size > 1):
+        what = (
+            "a PipelineModule"
+            if pipeline
+            else f"model parallelism (mpu, {model_parallel_world_size} ranks per replica)"
+        )
+        raise NotImplementedError(
+            f"ds_config.optimizer.type {type_name!r} with {what}: the 1-bit optimizers are data-parallel only "
+            f"(they communicate the whole compressed momentum of identical replicas); accepted: {type_name} "
+            "without pipeline/tensor parallelism, or Adam/AdamW with it"
         )
 
 
