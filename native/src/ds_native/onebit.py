@@ -80,6 +80,21 @@ def _check_bits(bits: torch.Tensor, rows: int, row_len: int) -> int:
     return bits.stride(0) if rows > 1 else row_len // 8
 
 
+def _check_server(
+    bits: torch.Tensor, scales: Sequence[float], server_err: torch.Tensor, out: torch.Tensor | None = None
+) -> tuple[int, int]:
+    """Validate the arguments every server-side kernel takes; returns ``(C, bits' row stride)``.
+
+    ``server_err`` fp32 ``[C]``, ``bits`` uint8 ``[len(scales), >= C/8]``, ``out`` (if given) uint8 ``[1, >= C/8]``.
+    """
+    _check(server_err, "server_err", torch.float32)
+    c = server_err.numel()
+    stride = _check_bits(bits, len(scales), c)
+    if out is not None:
+        _check_bits(out, 1, c)
+    return c, stride
+
+
 def sum_squares(x: torch.Tensor, num_threads: int | None = None) -> float:
     """Sum of squares of a contiguous CPU fp32/bf16/fp16 tensor (fp32 squares, fixed-order sums).
 
@@ -151,14 +166,13 @@ def server_accumulate_(
 
     ``bits`` uint8 ``[W, >= C/8]``, ``server_err`` fp32 ``[C]``. Returns the sum of squares of ``server_err``.
     """
-    _check(server_err, "server_err", torch.float32)
-    stride = _check_bits(bits, len(scales), server_err.numel())
+    c, stride = _check_server(bits, scales, server_err)
     return _ds_native_cpu.onebit_server(
         bits.data_ptr(),
         stride,
         list(scales),
         server_err.data_ptr(),
-        server_err.numel(),
+        c,
         int(valid),
         _threads(num_threads),
     )
@@ -180,11 +194,7 @@ def server_sum_squares(
     ``server_accumulate_`` then ``pack_``, bit for bit, but write ``server_err`` once instead of twice.
     With ``out`` (uint8 ``[1, >= C/8]``) this pass also writes the signs (they need no scale).
     """
-    _check(server_err, "server_err", torch.float32)
-    c = server_err.numel()
-    stride = _check_bits(bits, len(scales), c)
-    if out is not None:
-        _check_bits(out, 1, c)
+    c, stride = _check_server(bits, scales, server_err, out)
     return _ds_native_cpu.onebit_server_sum_squares(
         bits.data_ptr(),
         stride,
@@ -210,10 +220,7 @@ def server_pack_(
 
     ``out``: uint8 ``[1, >= C/8]``; ``scale`` the fp32 scale from :func:`server_sum_squares`'s sum.
     """
-    _check(server_err, "server_err", torch.float32)
-    c = server_err.numel()
-    stride = _check_bits(bits, len(scales), c)
-    _check_bits(out, 1, c)
+    c, stride = _check_server(bits, scales, server_err, out)
     _ds_native_cpu.onebit_server_pack(
         bits.data_ptr(),
         stride,
@@ -283,10 +290,7 @@ def server_deferred_(
 
     Leaves ``server_err`` holding the compensated values; returns their sum of squares.
     """
-    _check(server_err, "server_err", torch.float32)
-    c = server_err.numel()
-    stride = _check_bits(bits, len(scales), c)
-    _check_bits(out, 1, c)
+    c, stride = _check_server(bits, scales, server_err, out)
     return _ds_native_cpu.onebit_server_deferred(
         bits.data_ptr(),
         stride,
