@@ -18,9 +18,9 @@ only lays out and moves bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -101,7 +101,7 @@ class PendingErrors:
             raise ValueError(
                 f"PendingErrors.settle_: {self.scales.numel() - 1} worker scales recorded, the group has {w} ranks"
             )
-        _check_buffers(torch.empty(numel, device=worker_error.device), worker_error, server_error, w)
+        _check_error_buffers(numel, worker_error.device, worker_error, server_error, w)
         valid = valid_counts(numel, w)
         scales = self.scales.to(torch.float32)
         _fused.settle_(worker_error, w, scales[:w], valid)
@@ -129,8 +129,10 @@ def error_buffers(
     )
 
 
-def _check_buffers(tensor: torch.Tensor, worker_error: torch.Tensor, server_error: torch.Tensor, w: int) -> None:
-    n = tensor.numel()
+def _check_error_buffers(
+    n: int, device: torch.device, worker_error: torch.Tensor, server_error: torch.Tensor, w: int
+) -> None:
+    """The error buffers of a tensor of ``n`` elements on ``device``, ``w`` ranks: shape, dtype, device."""
     want_w, want_s = padded_numel(n, w), chunk_numel(n, w)
     for name, buf, want in (("worker_error", worker_error, want_w), ("server_error", server_error, want_s)):
         if buf.dtype != torch.float32 or buf.numel() != want or not buf.is_contiguous():
@@ -139,8 +141,12 @@ def _check_buffers(tensor: torch.Tensor, worker_error: torch.Tensor, server_erro
                 f"{n} elements on {w} ranks (got {buf.dtype}, {buf.numel()} elements); make them with "
                 f"onebit_comm.error_buffers({n}, {w}, device)"
             )
-        if buf.device != tensor.device:
-            raise ValueError(f"compressed_allreduce: {name} is on {buf.device}, the tensor on {tensor.device}")
+        if buf.device != device:
+            raise ValueError(f"compressed_allreduce: {name} is on {buf.device}, the tensor on {device}")
+
+
+def _check_buffers(tensor: torch.Tensor, worker_error: torch.Tensor, server_error: torch.Tensor, w: int) -> None:
+    _check_error_buffers(tensor.numel(), tensor.device, worker_error, server_error, w)
     if not tensor.is_floating_point():
         raise TypeError(f"compressed_allreduce: needs a floating-point tensor, got {tensor.dtype}")
 
@@ -159,17 +165,11 @@ def _bytes_scale(raw: torch.Tensor) -> torch.Tensor:
     return raw.contiguous().view(torch.float32).view(-1)
 
 
-def _start(launch: Callable[[], Any], rank: int, w: int, what: str) -> Any:
-    """Start an async collective; a failure names the rank and the operation."""
+@contextlib.contextmanager
+def _naming_failures(rank: int, w: int, what: str) -> Iterator[None]:
+    """Starting or waiting for a collective: a failure names the rank and the operation."""
     try:
-        return launch()
-    except RuntimeError as e:
-        raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: {what} failed: {e}") from e
-
-
-def _wait(work: Any, rank: int, w: int, what: str) -> None:
-    try:
-        work.wait()
+        yield
     except RuntimeError as e:
         raise RuntimeError(f"compressed_allreduce rank {rank}/{w}: {what} failed: {e}") from e
 
@@ -258,10 +258,12 @@ def compressed_allreduce(
 
         # Phase 1: chunk j goes to rank j.
         what = "phase 1 all_to_all_single"
-        work = _start(lambda: dist.all_to_all_single(recv, send, group=group, async_op=True), rank, w, what)
+        with _naming_failures(rank, w, what):
+            work = dist.all_to_all_single(recv, send, group=group, async_op=True)
         if use_fused and not deferred:
             _fused.settle_(worker_error, w, scales, valid)
-        _wait(work, rank, w, what)
+        with _naming_failures(rank, w, what):
+            work.wait()
         got = _bytes_scale(recv[:, c8:])
         if deferred:
             scale = _fused.server_deferred_into_(
@@ -277,7 +279,8 @@ def compressed_allreduce(
 
         # Phase 2: every rank collects every owner's recompressed chunk.
         what = "phase 2 all_gather"
-        work = _start(lambda: _all_gather(out, msg, group=group, async_op=True), rank, w, what)
+        with _naming_failures(rank, w, what):
+            work = _all_gather(out, msg, group=group, async_op=True)
         straight = tensor.dtype == torch.float32 and tensor.is_contiguous()
         if use_fused:
             if not deferred:
@@ -285,7 +288,8 @@ def compressed_allreduce(
                 _fused.server_settle_(recv, got, server_error, valid[rank], scale, scratch)
             dst = tensor.view(-1) if straight else _WS.get("f32", n, torch.float32, tensor.device)
             _decode_rows(msg.view(1, -1), scale, rank, c, dst)
-        _wait(work, rank, w, what)
+        with _naming_failures(rank, w, what):
+            work.wait()
         rows = out.view(w, c8 + 4)
         final = _bytes_scale(rows[:, c8:])
         if use_fused:
