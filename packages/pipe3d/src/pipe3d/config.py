@@ -27,6 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
+from pipe3d.executor import DEFAULT_RECV_AHEAD
+
 __all__ = ["SCHEDULE_NAMES", "SECTION", "PipelineConfig"]
 
 SECTION = "pipeline"
@@ -44,7 +46,7 @@ class PipelineConfig(BaseModel):
     schedule: Literal["1f1b", "gpipe", "interleaved"] | None = None
     """The training schedule; None: interleaved for a module with ``num_chunks > 1``, else 1F1B."""
 
-    recv_ahead: int = Field(8, ge=0)
+    recv_ahead: int = Field(DEFAULT_RECV_AHEAD, ge=0)
     """pipe3d's: receives kept posted ahead of the instructions that need them (0: each at its own), see
     docs/pipe3d.md#point-to-point; each costs one stage-boundary tensor of memory."""
     stages: int | Literal["auto"] = "auto"

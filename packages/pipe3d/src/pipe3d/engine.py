@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipe3d.executor import BatchStats, PipelineExecutor, inject_grads
+from pipe3d.executor import DEFAULT_RECV_AHEAD, BatchStats, PipelineExecutor, inject_grads
 from pipe3d.module import PipelineModule
 from pipe3d.p2p import P2P, LocalP2P
 from pipe3d.schedule import InferenceSchedule, PipeSchedule, make_schedule
@@ -73,7 +73,7 @@ class PipelineEngine:
         backward: Callable[[torch.Tensor, bool], None] | None = None,
         p2p_timeout: float = 300.0,
         measure_memory: bool = False,
-        recv_ahead: int = 8,
+        recv_ahead: int = DEFAULT_RECV_AHEAD,
     ) -> None:
         if not isinstance(module, PipelineModule):
             raise TypeError(f"PipelineEngine needs a PipelineModule, got {type(module).__name__}")

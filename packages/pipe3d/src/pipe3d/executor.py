@@ -32,7 +32,11 @@ from pipe3d.schedule import (
     SendGrad,
 )
 
-__all__ = ["BatchStats", "PipelineExecutor", "inject_grads"]
+__all__ = ["DEFAULT_RECV_AHEAD", "BatchStats", "PipelineExecutor", "inject_grads"]
+
+# Receives kept posted ahead of use (see [Note: posting receives early] in pipe3d.p2p). Idle A/B on
+# the 2-core VM, interleaved 1F1B: 1 ahead bubble 0.149, 2: 0.122, 4: 0.116, 8: 0.107.
+DEFAULT_RECV_AHEAD = 8
 
 
 class _InjectGrads(torch.autograd.Function):
@@ -142,7 +146,7 @@ class PipelineExecutor:
         p2p: P2P | LocalP2P | None,
         device: torch.device,
         measure_memory: bool = False,
-        recv_ahead: int = 8,
+        recv_ahead: int = DEFAULT_RECV_AHEAD,
     ) -> None:
         self.module = module
         if recv_ahead < 0:

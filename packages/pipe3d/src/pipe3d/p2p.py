@@ -18,7 +18,7 @@ whose receive is not posted yet is parked until the receiver asks for it, and is
 the *sender's* transport thread: on a machine whose cores are busy with the stages' compute, that
 thread waits for a core, and the receiver with it (measured: 2.5-3.5 ms for a 128 KiB activation
 posted after its send, against 0.6 ms for a gradient whose receive was already waiting). The executor
-therefore posts each receive one instruction window early (see :class:`pipe3d.executor.PipelineExecutor`).
+therefore keeps the next ``recv_ahead`` receives of its program posted (see :class:`pipe3d.executor.PipelineExecutor`).
 Activations and gradients use two communicators (see :class:`pipe3d.topology.PipelineParallelGrid`),
 and on gloo also distinct tags.
 """
@@ -162,6 +162,18 @@ class P2P:
                 f"(rank {self.stage_to_rank(src_stage)}) failed or timed out after {self.timeout}: {e}"
             ) from e
 
+    def _post(
+        self, metas: Sequence[TensorMeta], src_stage: int, kind: str, tag: int, what: str, *, activations: bool
+    ) -> PendingRecv:
+        """Allocate a tensor per description and post its receive (activations require a gradient
+        where the sender's did; gradients never do)."""
+        tensors = [torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in metas]
+        works = [self._irecv(t, src_stage, kind, tag) for t in tensors]
+        if activations:
+            for t, m in zip(tensors, metas, strict=True):
+                t.requires_grad_(m.requires_grad)
+        return PendingRecv(self, works, tensors, src_stage, what)
+
     def _recv(self, t: torch.Tensor, src_stage: int, kind: str, tag: int, what: str) -> torch.Tensor:
         self._wait(self._irecv(t, src_stage, kind, tag), src_stage, what)
         return t
@@ -199,12 +211,7 @@ class P2P:
         metas = self.meta.get(src_vs)
         if metas is None:
             return None
-        src = src_vs % self.num_stages
-        tensors = [torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in metas]
-        works = [self._irecv(t, src, "act", _TAG_ACT) for t in tensors]
-        for t, m in zip(tensors, metas, strict=True):
-            t.requires_grad_(m.requires_grad)
-        return PendingRecv(self, works, tensors, src, "activations")
+        return self._post(metas, src_vs % self.num_stages, "act", _TAG_ACT, "activations", activations=True)
 
     def recv_activations(self, dst_vs: int) -> tuple[torch.Tensor, ...]:
         """Receive the inputs of virtual stage ``dst_vs`` (float ones that need a gradient require it)."""
@@ -229,10 +236,8 @@ class P2P:
         metas = self.meta.get(dst_vs)
         if metas is None:
             return None
-        src = (dst_vs + 1) % self.num_stages
-        tensors = [torch.empty(m.shape, dtype=m.dtype, device=self.device) for m in metas if m.requires_grad]
-        works = [self._irecv(t, src, "grad", _TAG_GRAD) for t in tensors]
-        return PendingRecv(self, works, tensors, src, "gradients")
+        grads = [m for m in metas if m.requires_grad]
+        return self._post(grads, (dst_vs + 1) % self.num_stages, "grad", _TAG_GRAD, "gradients", activations=False)
 
     def recv_grads(self, dst_vs: int) -> list[torch.Tensor]:
         """Receive the gradients of ``dst_vs``'s outputs (one per output that required a gradient)."""

@@ -152,7 +152,7 @@ def pipeline_schedule(model: Any, cfg: Any, gradient_accumulation_steps: int) ->
 
 
 def attach_pipeline(
-    engine: Any, model: Any, optimizer: Any, gradient_accumulation_steps: int, schedule: str, recv_ahead: int = 8
+    engine: Any, model: Any, optimizer: Any, gradient_accumulation_steps: int, schedule: str, recv_ahead: int
 ) -> Any:
     """A :class:`pipe3d.PipelineEngine` running ``schedule`` (from :func:`pipeline_schedule`), its
     backwards through zero-shard's ``optimizer``; ``recv_ahead`` is ``ds_config.pipeline.recv_ahead``."""
