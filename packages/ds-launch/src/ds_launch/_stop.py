@@ -34,7 +34,7 @@ import threading
 import time
 from types import FrameType
 
-__all__ = ["DEFAULT_SIGNALS", "StopState", "stop_signals", "watch_stdin", "write_stderr"]
+__all__ = ["DEFAULT_SIGNALS", "StopState", "kill_process_groups", "stop_signals", "watch_stdin", "write_stderr"]
 
 # What torch's PContext.start() handles when TORCHELASTIC_SIGNALS_TO_HANDLE is unset.
 DEFAULT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
@@ -108,6 +108,13 @@ def write_stderr(text: str) -> None:
         sys.stderr.flush()
 
 
+def kill_process_groups(pgids: list[int]) -> None:
+    """SIGKILL each process group (a worker and whatever it started); ones already gone are skipped."""
+    for pgid in pgids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
 def watch_stdin(state: StopState, worker_groups: list[int], term_timeout: float) -> None:
     """Treat EOF on stdin as "the launcher is gone" (the ssh runner): stop this node.
 
@@ -131,9 +138,7 @@ def watch_stdin(state: StopState, worker_groups: list[int], term_timeout: float)
         if not state.stopping.is_set():
             os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(2 * term_timeout + WATCHDOG_SLACK)
-        for pgid in list(worker_groups):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, signal.SIGKILL)
+        kill_process_groups(list(worker_groups))
         write_stderr("ds-launch: the agent did not stop after its launcher went away; killed its workers\n")
         os._exit(128 + signal.SIGTERM)
 

@@ -39,7 +39,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from ._stop import DEFAULT_SIGNALS, StopState, watch_stdin
+from ._stop import DEFAULT_SIGNALS, StopState, kill_process_groups, watch_stdin
 from ._stop import write_stderr as _write_stderr
 
 __all__ = ["ABORTED_EXIT_CODE", "FAILURE_MARKER", "AgentConfig", "decode_world_info", "encode_world_info", "run_node"]
@@ -260,9 +260,7 @@ def _make_agent_class() -> type:
             """SIGKILL each worker's whole process group, even if the worker itself has exited:
             a worker's children (data loaders, compilers) must not outlive the job."""
             pc = self._pcontext
-            for handler in getattr(pc, "subprocess_handlers", {}).values() if pc else ():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(handler.proc.pid, signal.SIGKILL)
+            kill_process_groups([h.proc.pid for h in getattr(pc, "subprocess_handlers", {}).values()] if pc else [])
 
         def _abort_requested(self, worker_group: WorkerGroup) -> bool:
             # [Note: cross-node abort] The store is the TCPStore of node 0's agent that the
